@@ -1,0 +1,38 @@
+"""The error type for mistakes a user can fix: the command-line tools print its message in one line."""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+class UserInputError(Exception):
+    """Bad input: the message names the file or case and says how to fix it."""
+
+
+def run_cli(main: Callable[[], int]) -> int:
+    """Run a command's body; a :class:`UserInputError` becomes ``error: ...`` on stderr and exit code 2."""
+    try:
+        return main()
+    except UserInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def install_excepthook() -> None:
+    """Print an uncaught :class:`UserInputError` as one ``error: ...`` line instead of a traceback.
+
+    nnU-Net's own commands (``nnUNetv2_train``) call our trainers; this keeps their bad-input messages as
+    readable as those of our commands. Other exceptions keep Python's traceback. Exit code stays 1.
+    """
+    previous = sys.excepthook
+    if getattr(previous, "_nnunet_sassnet", False):
+        return
+
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, UserInputError):
+            print(f"error: {exc}", file=sys.stderr)
+        else:
+            previous(exc_type, exc, tb)
+
+    hook._nnunet_sassnet = True
+    sys.excepthook = hook

@@ -1,0 +1,93 @@
+"""Per-epoch logging of SASSNet's losses, extending nnU-Net's local logger and its progress.png."""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+from nnunetv2.training.logging.nnunet_logger import LocalLogger
+
+# key in the logger -> label in the plot
+LOSS_CURVES = {
+    "seg_losses": "segmentation (Dice+CE)",
+    "sdm_losses": "SDM (MSE)",
+    "gen_losses": "generator (-log D)",
+    "disc_losses": "discriminator (BCE)",
+}
+ACCURACY_CURVES = {
+    "disc_acc_labeled": "D accuracy, labeled",
+    "disc_acc_unlabeled": "D accuracy, unlabeled",
+}
+BETA_KEY = "adversarial_weights"
+SKIPPED_KEY = "skipped_steps"
+
+
+class SASSNetLocalLogger(LocalLogger):
+    """nnU-Net's LocalLogger with extra per-epoch keys and a SASSNet panel under nnU-Net's progress.png.
+
+    nnU-Net's logger refuses unknown keys and its plot expects one value per epoch for every key, so the
+    extra keys are registered here and must be logged every epoch, like nnU-Net's own.
+    """
+
+    def __init__(self, extra_keys: Sequence[str], verbose: bool = False):
+        super().__init__(verbose)
+        self.extra_keys = list(extra_keys)
+        for key in self.extra_keys:
+            self.my_fantastic_logging[key] = []
+
+    def load_checkpoint(self, checkpoint: dict):
+        super().load_checkpoint(checkpoint)
+        for key in self.extra_keys:  # a checkpoint of another trainer lacks them
+            self.my_fantastic_logging.setdefault(key, [])
+
+    def plot_progress_png(self, output_folder: str):
+        super().plot_progress_png(output_folder)
+        if not self.extra_keys:
+            return
+        import matplotlib.pyplot as plt
+
+        path = os.path.join(output_folder, "progress.png")
+        base = plt.imread(path)
+        panel = self._render_panel(width_px=base.shape[1])
+        if panel.shape[2] != base.shape[2]:  # RGB vs RGBA
+            panel = panel[..., :base.shape[2]] if panel.shape[2] > base.shape[2] else np.concatenate(
+                (panel, np.ones(panel.shape[:2] + (1,), panel.dtype)), axis=2)
+        plt.imsave(path, np.concatenate((base, panel.astype(base.dtype)), axis=0))
+
+    def _render_panel(self, width_px: int) -> np.ndarray:
+        import matplotlib.pyplot as plt
+
+        logs = self.my_fantastic_logging
+        epochs = min(len(v) for v in logs.values())
+        x = list(range(epochs))
+        dpi = 100
+        fig, (ax_loss, ax_acc) = plt.subplots(2, 1, figsize=(width_px / dpi, 2 * 9), dpi=dpi)
+        for key, label in LOSS_CURVES.items():
+            if key in logs:
+                ax_loss.plot(x, logs[key][:epochs], label=label, linewidth=4)
+        ax_loss.set_xlabel("epoch")
+        ax_loss.set_ylabel("loss")
+        ax_loss.legend(loc=(0, 1), ncol=4)
+        for key, label in ACCURACY_CURVES.items():
+            if key in logs:
+                ax_acc.plot(x, logs[key][:epochs], label=label, linewidth=4)
+        if any(k in logs for k in ACCURACY_CURVES):
+            ax_acc.axhline(0.5, color="gray", ls="dotted", linewidth=2)
+            ax_acc.set_ylim(-0.02, 1.02)
+        ax_acc.set_xlabel("epoch")
+        ax_acc.set_ylabel("discriminator accuracy")
+        if BETA_KEY in logs:
+            ax_beta = ax_acc.twinx()
+            ax_beta.plot(x, logs[BETA_KEY][:epochs], color="k", ls="--", label="adversarial weight beta(t)",
+                         linewidth=3)
+            ax_beta.set_ylabel("beta(t)")
+            ax_beta.legend(loc=(0.6, 1))
+        ax_acc.legend(loc=(0, 1), ncol=2)
+        fig.tight_layout()
+        fig.canvas.draw()
+        image = np.asarray(fig.canvas.buffer_rgba()).astype(np.float32) / 255.0
+        plt.close(fig)
+        if image.shape[1] != width_px:  # rounding of the figure size
+            image = image[:, :width_px] if image.shape[1] > width_px else np.pad(
+                image, ((0, 0), (0, width_px - image.shape[1]), (0, 0)), constant_values=1.0)
+        return image

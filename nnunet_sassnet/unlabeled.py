@@ -1,0 +1,277 @@
+"""Unlabeled scans: where they live, their preprocessing with the dataset's plans, and their loading.
+
+Raw images go to ``nnUNet_raw/DatasetXXX_Name/imagesUnlabeled/`` named like ``imagesTr``
+(``CASE_0000.nii.gz``, one file per channel); nnU-Net's own planning never looks there. They are preprocessed
+with the plan's own preprocessor (cropping, resampling, normalisation identical to the labeled scans) into
+``nnUNet_preprocessed/DatasetXXX_Name/<data_identifier>_unlabeled/``: beside nnU-Net's folder, never inside
+it, because nnU-Net wipes ``<data_identifier>/`` when it preprocesses again and treats every case in it as a
+labeled training case. A stamp file there records a hash of what the data was made from, so a change of
+plans, dataset.json or input files is detected.
+
+A preprocessed unlabeled case is an ordinary nnU-Net (blosc2) case whose "segmentation" holds only the
+nonzero mask (-1 outside, 0 inside; nnU-Net's mask-based normalisation reads it) and whose
+``class_locations`` are empty, so nnU-Net's data loader and augmentation take it unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import tempfile
+from time import sleep
+from typing import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from nnunet_sassnet.errors import UserInputError, run_cli
+
+UNLABELED_IMAGES_FOLDER = "imagesUnlabeled"
+STAMP_FILE = "sassnet_unlabeled_stamp.json"
+
+__all__ = [
+    "UNLABELED_IMAGES_FOLDER", "STAMP_FILE", "unlabeled_preprocessed_folder", "list_unlabeled_cases",
+    "compute_stamp", "unlabeled_data_is_current", "preprocess_unlabeled", "preprocess_unlabeled_entry",
+]
+
+
+def unlabeled_preprocessed_folder(preprocessed_dataset_folder_base: str, data_identifier: str) -> str:
+    """``nnUNet_preprocessed/DatasetXXX/<data_identifier>_unlabeled``."""
+    return os.path.join(preprocessed_dataset_folder_base, data_identifier + "_unlabeled")
+
+
+def list_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> dict[str, list[str]]:
+    """Map case identifier -> its channel files in ``imagesUnlabeled``, checked against dataset.json.
+
+    Raises :class:`UserInputError` for a missing or empty folder, files with another ending, and cases
+    with a missing or an extra channel file.
+    """
+    folder = os.path.join(raw_dataset_folder, UNLABELED_IMAGES_FOLDER)
+    if not os.path.isdir(folder):
+        raise UserInputError(
+            f"no unlabeled images: {folder} does not exist. SASSNet learns from unlabeled scans; put them there, "
+            f"named like imagesTr (CASE_0000{dataset_json.get('file_ending', '.nii.gz')}, one file per channel)")
+    file_ending = dataset_json["file_ending"]
+    channels = dataset_json.get("channel_names", dataset_json.get("modality"))
+    num_channels = len(channels)
+    pattern = re.compile(r"(.+)_(\d{4})" + re.escape(file_ending) + r"$")
+    cases: dict[str, dict[int, str]] = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.startswith(".") or os.path.isdir(path):
+            continue
+        match = pattern.match(name)
+        if match is None:
+            raise UserInputError(
+                f"{path}: unexpected file name; unlabeled images must be named CASE_XXXX{file_ending} "
+                f"(the dataset's file_ending, a 4-digit channel index), like imagesTr. Rename or remove it")
+        cases.setdefault(match.group(1), {})[int(match.group(2))] = path
+    if not cases:
+        raise UserInputError(
+            f"no unlabeled images: {folder} is empty. Put the unlabeled scans there, named like imagesTr "
+            f"(CASE_0000{file_ending}, one file per channel)")
+    result = {}
+    for case, files in cases.items():
+        expected = set(range(num_channels))
+        missing = sorted(expected - set(files))
+        extra = sorted(set(files) - expected)
+        if missing:
+            raise UserInputError(
+                f"{os.path.join(folder, case)}: channel file(s) "
+                f"{', '.join(f'{case}_{c:04d}{file_ending}' for c in missing)} missing; dataset.json declares "
+                f"{num_channels} channel(s): add the file(s) or remove the case")
+        if extra:
+            raise UserInputError(
+                f"{files[extra[0]]}: extra channel; dataset.json declares {num_channels} channel(s) "
+                f"(_0000 to _{num_channels - 1:04d}): remove the file")
+        result[case] = [files[c] for c in range(num_channels)]
+    return result
+
+
+def compute_stamp(plans: dict, configuration_name: str, dataset_json: dict, cases: dict[str, list[str]]
+                  ) -> str:
+    """Hash of everything the preprocessed unlabeled data depends on.
+
+    The plans (the configuration as resolved, and the plan-wide settings it reads: transposition,
+    intensity statistics, reader), dataset.json, and the input files (names, sizes, modification times).
+    """
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans_manager = PlansManager(plans)
+    configuration = plans_manager.get_configuration(configuration_name).configuration
+    relevant_plans = {
+        "configuration": configuration,
+        "transpose_forward": plans.get("transpose_forward"),
+        "foreground_intensity_properties_per_channel": plans.get("foreground_intensity_properties_per_channel"),
+        "image_reader_writer": plans.get("image_reader_writer"),
+    }
+    files = []
+    for case in sorted(cases):
+        for path in cases[case]:
+            st = os.stat(path)
+            files.append([os.path.basename(path), st.st_size, int(st.st_mtime)])
+    payload = json.dumps({"plans": relevant_plans, "dataset_json": dataset_json, "files": files},
+                         sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def unlabeled_data_is_current(folder: str, stamp: str) -> bool:
+    """True when ``folder`` holds unlabeled data made from exactly what ``stamp`` describes."""
+    stamp_file = os.path.join(folder, STAMP_FILE)
+    if not os.path.isfile(stamp_file):
+        return False
+    try:
+        with open(stamp_file) as f:
+            return json.load(f).get("stamp") == stamp
+    except (OSError, ValueError):
+        return False
+
+
+def _preprocess_one_case(output_filename_truncated: str, image_files: list[str], plans: dict,
+                         configuration_name: str, dataset_json: dict) -> None:
+    """Preprocess one unlabeled case with the plan's preprocessor and save it as a blosc2 case."""
+    from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans_manager = PlansManager(plans)
+    configuration_manager = plans_manager.get_configuration(configuration_name)
+    preprocessor = configuration_manager.preprocessor_class(verbose=False)
+    reader = plans_manager.image_reader_writer_class()
+    try:
+        images, image_properties = reader.read_images(image_files)
+    except Exception as e:  # the readers raise many types for unreadable files
+        raise UserInputError(f"{image_files[0]}: could not read this image ({type(e).__name__}: {e}); "
+                             f"replace or remove the case") from e
+    # nnU-Net's readers return (c, x, y, z), 2D images as (c, 1, y, x); the plans' median shape tells which
+    # kind the dataset has
+    dataset_is_2d = plans["original_median_shape_after_transp"][0] == 1
+    if images.ndim != 4 or (images.shape[1] == 1) != dataset_is_2d:
+        kind = "2D" if dataset_is_2d else "3D"
+        raise UserInputError(f"{image_files[0]}: image shape {images.shape[1:]} does not match the dataset's "
+                             f"{kind} images; unlabeled scans must have the labeled scans' dimensionality")
+    data, seg, properties = preprocessor.run_case_npy(images, None, image_properties, plans_manager,
+                                                      configuration_manager, dataset_json)
+    label_manager = plans_manager.get_label_manager(dataset_json)
+    keys = label_manager.foreground_regions if label_manager.has_regions else label_manager.foreground_labels
+    # nnU-Net's loader reads class_locations for every case; an unlabeled case has none
+    properties["class_locations"] = {k if not isinstance(k, list) else tuple(k): np.zeros((0, 4), dtype=np.int64)
+                                     for k in keys}
+    data = data.astype(np.float32, copy=False)
+    seg = seg.astype(np.int16, copy=False)
+    patch_size = tuple(configuration_manager.patch_size)
+    blocks, chunks = comp_blosc2_params(data.shape, patch_size, data.itemsize)
+    blocks_seg, chunks_seg = comp_blosc2_params(seg.shape, patch_size, seg.itemsize)
+    nnUNetDatasetBlosc2.save_case(data, seg, properties, output_filename_truncated, chunks=chunks, blocks=blocks,
+                                  chunks_seg=chunks_seg, blocks_seg=blocks_seg)
+
+
+def preprocess_unlabeled(dataset_name_or_id: str | int, configuration: str = "3d_fullres",
+                         plans_identifier: str = "nnUNetPlans", num_processes: int = 4,
+                         progress: bool = True, force: bool = False, log=print) -> str:
+    """Preprocess ``imagesUnlabeled`` with the dataset's plans; return the output folder.
+
+    Skips the work when the stamp says the folder is current (unless ``force``). Writes into a temporary
+    folder and moves it into place only when every case succeeded, so a failure leaves the previous data
+    untouched.
+    """
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    if not nnUNet_raw.is_set() or not nnUNet_preprocessed.is_set():
+        raise UserInputError("nnUNet_raw and nnUNet_preprocessed must be set (see nnU-Net's "
+                             "documentation/setting_up_paths.md)")
+    try:
+        dataset_name = maybe_convert_to_dataset_name(dataset_name_or_id)
+    except (RuntimeError, ValueError, AssertionError) as e:
+        raise UserInputError(f"unknown dataset {dataset_name_or_id!r}: no such dataset in nnUNet_raw "
+                             f"({nnUNet_raw.get()}) or nnUNet_preprocessed; check the ID or name") from e
+    raw_folder = os.path.join(str(nnUNet_raw), dataset_name)
+    base = os.path.join(str(nnUNet_preprocessed), dataset_name)
+    plans_file = os.path.join(base, plans_identifier + ".json")
+    if not os.path.isfile(plans_file):
+        raise UserInputError(f"{plans_file} not found: plan the dataset first with "
+                             f"nnUNetv2_plan_and_preprocess -d {dataset_name_or_id} -c {configuration}")
+    with open(plans_file) as f:
+        plans = json.load(f)
+    if configuration not in plans.get("configurations", {}):
+        raise UserInputError(f"{plans_file} has no configuration {configuration!r}; available: "
+                             f"{', '.join(plans.get('configurations', {}))}")
+    dataset_json_file = os.path.join(base, "dataset.json")
+    if not os.path.isfile(dataset_json_file):
+        raise UserInputError(f"{dataset_json_file} not found: run nnUNetv2_plan_and_preprocess -d "
+                             f"{dataset_name_or_id} first")
+    with open(dataset_json_file) as f:
+        dataset_json = json.load(f)
+
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans_manager = PlansManager(plans)
+    configuration_manager = plans_manager.get_configuration(configuration)
+    cases = list_unlabeled_cases(raw_folder, dataset_json)
+    output_folder = unlabeled_preprocessed_folder(base, configuration_manager.data_identifier)
+    stamp = compute_stamp(plans, configuration, dataset_json, cases)
+    if not force and unlabeled_data_is_current(output_folder, stamp):
+        log(f"Unlabeled data in {output_folder} is up to date ({len(cases)} cases)")
+        return output_folder
+
+    os.makedirs(base, exist_ok=True)
+    tmp_folder = tempfile.mkdtemp(prefix=".tmp_" + os.path.basename(output_folder) + "_", dir=base)
+    try:
+        _run_cases(cases, tmp_folder, plans, configuration, dataset_json, num_processes, progress)
+        with open(os.path.join(tmp_folder, STAMP_FILE), "w") as f:
+            json.dump({"stamp": stamp, "plans_identifier": plans_identifier, "configuration": configuration,
+                       "num_cases": len(cases)}, f, indent=2)
+        if os.path.isdir(output_folder):
+            shutil.rmtree(output_folder)
+        os.replace(tmp_folder, output_folder)
+    finally:
+        if os.path.isdir(tmp_folder):
+            shutil.rmtree(tmp_folder, ignore_errors=True)
+    log(f"Preprocessed {len(cases)} unlabeled cases into {output_folder}")
+    return output_folder
+
+
+def _run_cases(cases: dict[str, list[str]], folder: str, plans: dict, configuration: str, dataset_json: dict,
+               num_processes: int, progress: bool) -> None:
+    jobs = [(os.path.join(folder, case), files, plans, configuration, dataset_json)
+            for case, files in sorted(cases.items())]
+    if num_processes <= 1:
+        for job in tqdm(jobs, desc="Preprocessing unlabeled cases", disable=not progress):
+            _preprocess_one_case(*job)
+        return
+    with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
+        results = [pool.apply_async(_preprocess_one_case, job) for job in jobs]
+        with tqdm(total=len(jobs), desc="Preprocessing unlabeled cases", disable=not progress) as bar:
+            pending = list(results)
+            while pending:
+                done = [r for r in pending if r.ready()]
+                for r in done:
+                    r.get()  # re-raises a worker's error here
+                    bar.update()
+                pending = [r for r in pending if r not in done]
+                if pending:
+                    sleep(0.05)
+
+
+def preprocess_unlabeled_entry(argv: Sequence[str] | None = None) -> int:
+    """``nnunet_sassnet_preprocess_unlabeled``: preprocess imagesUnlabeled with the dataset's plans."""
+    parser = argparse.ArgumentParser(
+        prog="nnunet_sassnet_preprocess_unlabeled",
+        description="Preprocess nnUNet_raw/DatasetXXX/imagesUnlabeled with the dataset's plans into "
+                    "nnUNet_preprocessed/DatasetXXX/<data_identifier>_unlabeled (for nnUNetTrainerSASSNet).")
+    parser.add_argument("-d", required=True, help="dataset ID or name")
+    parser.add_argument("-c", default="3d_fullres", help="configuration (default: 3d_fullres)")
+    parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    parser.add_argument("-np", type=int, default=4, help="number of processes (default: 4)")
+    parser.add_argument("--force", action="store_true", help="preprocess again even if the data is current")
+    args = parser.parse_args(argv)
+    return run_cli(lambda: (preprocess_unlabeled(args.d, args.c, args.p, args.np, force=args.force), 0)[1])
+
+
+if __name__ == "__main__":
+    sys.exit(preprocess_unlabeled_entry())
