@@ -44,15 +44,17 @@ class SASSNetLocalLogger(LocalLogger):
         super().plot_progress_png(output_folder)
         if not self.extra_keys:
             return
-        import matplotlib.pyplot as plt
+        from PIL import Image  # matplotlib's own image library
 
         path = os.path.join(output_folder, "progress.png")
-        base = plt.imread(path)
-        panel = self._render_panel(width_px=base.shape[1])
-        if panel.shape[2] != base.shape[2]:  # RGB vs RGBA
-            panel = panel[..., :base.shape[2]] if panel.shape[2] > base.shape[2] else np.concatenate(
-                (panel, np.ones(panel.shape[:2] + (1,), panel.dtype)), axis=2)
-        plt.imsave(path, np.concatenate((base, panel.astype(base.dtype)), axis=0))
+        with Image.open(path) as base_image:
+            base = base_image.convert("RGB")
+        panel = Image.fromarray(self._render_panel(width_px=base.width))
+        combined = Image.new("RGB", (base.width, base.height + panel.height), "white")
+        combined.paste(base, (0, 0))
+        combined.paste(panel, (0, base.height))
+        # low compression: this runs after every epoch and the file is large
+        combined.save(path, compress_level=1)
 
     def _render_panel(self, width_px: int) -> np.ndarray:
         import matplotlib.pyplot as plt
@@ -60,8 +62,8 @@ class SASSNetLocalLogger(LocalLogger):
         logs = self.my_fantastic_logging
         epochs = min(len(v) for v in logs.values())
         x = list(range(epochs))
-        dpi = 100
-        fig, (ax_loss, ax_acc) = plt.subplots(2, 1, figsize=(width_px / dpi, 2 * 9), dpi=dpi)
+        dpi = 100  # nnU-Net draws 30 x 18 inch panels at 100 dpi; these match them
+        fig, (ax_loss, ax_acc) = plt.subplots(2, 1, figsize=(width_px / dpi, 36), dpi=dpi)
         for key, label in LOSS_CURVES.items():
             if key in logs:
                 ax_loss.plot(x, logs[key][:epochs], label=label, linewidth=4)
@@ -85,9 +87,6 @@ class SASSNetLocalLogger(LocalLogger):
         ax_acc.legend(loc=(0, 1), ncol=2)
         fig.tight_layout()
         fig.canvas.draw()
-        image = np.asarray(fig.canvas.buffer_rgba()).astype(np.float32) / 255.0
+        image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
         plt.close(fig)
-        if image.shape[1] != width_px:  # rounding of the figure size
-            image = image[:, :width_px] if image.shape[1] > width_px else np.pad(
-                image, ((0, 0), (0, width_px - image.shape[1]), (0, 0)), constant_values=1.0)
         return image

@@ -1,0 +1,115 @@
+"""End to end through nnU-Net's own command-line tools on a tiny synthetic dataset."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from conftest import SMALL_PLANS, run, training_environment
+
+
+def test_train_and_predict_through_stock_cli(tiny_dataset, tmp_path):
+    env = training_environment(tiny_dataset["env"])
+    root, name = tiny_dataset["root"], tiny_dataset["dataset_name"]
+    trainer = "nnUNetTrainerSASSNet_smoke"
+
+    out = run(["nnunet_sassnet_preprocess_unlabeled", "-d", "990", "-c", "3d_fullres", "-p", SMALL_PLANS,
+               "-np", "1"], env)
+    unlabeled = root / "preprocessed" / name / f"{SMALL_PLANS}_3d_fullres_unlabeled"
+    assert sorted(p.name for p in unlabeled.glob("*.b2nd") if not p.name.endswith("_seg.b2nd")) == \
+        [f"un{i:03d}.b2nd" for i in range(4)]
+    assert (unlabeled / "sassnet_unlabeled_stamp.json").is_file()
+    # nnU-Net's own folder holds only the labeled cases
+    labeled = root / "preprocessed" / name / f"{SMALL_PLANS}_3d_fullres"
+    assert not list(labeled.glob("un*"))
+
+    again = run(["nnunet_sassnet_preprocess_unlabeled", "-d", "990", "-c", "3d_fullres", "-p", SMALL_PLANS],
+                env)
+    assert "up to date" in again.stdout
+
+    train = run(["nnUNetv2_train", "990", "3d_fullres", "0", "-tr", trainer, "-p", SMALL_PLANS,
+                 "-device", "cpu"], env)
+    assert "Training done." in train.stdout
+    model_dir = root / "results" / name / f"{trainer}__{SMALL_PLANS}__3d_fullres"
+    fold = model_dir / "fold_0"
+    log_text = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
+    for key in ("seg_losses", "sdm_losses", "gen_losses", "disc_losses", "disc_acc_labeled",
+                "adversarial_weights"):
+        assert key in log_text
+    assert (fold / "progress.png").is_file()
+    assert (fold / "validation" / "summary.json").is_file()
+
+    checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["trainer_name"] == trainer
+    assert any(k.startswith("sdm_head.") for k in checkpoint["network_weights"])
+    state = checkpoint["sassnet"]
+    assert state["current_iteration"] == 2 * 3  # 2 epochs x 3 iterations
+    assert any(k.startswith("sdm_conv.") for k in state["discriminator_weights"])
+    assert state["discriminator_optimizer_state"]["state"], "the discriminator was never updated"
+
+    pred_dir = tmp_path / "pred"
+    run(["nnUNetv2_predict", "-i", str(root / "raw" / name / "imagesTs"), "-o", str(pred_dir), "-d", "990",
+         "-c", "3d_fullres", "-tr", trainer, "-p", SMALL_PLANS, "-f", "0", "-device", "cpu",
+         "--disable_progress_bar"], env)
+    predictions = sorted(pred_dir.glob("*.nii.gz"))
+    assert [p.name for p in predictions] == ["ts000.nii.gz", "ts001.nii.gz"]
+    for p in predictions:
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(p)))
+        assert seg.shape == (24, 24, 24)
+        assert set(np.unique(seg)) <= {0, 1}
+
+
+def test_dataset_without_unlabeled_images_is_refused_before_training(tiny_dataset):
+    env = training_environment(tiny_dataset["env"])
+    raw = tiny_dataset["root"] / "raw" / tiny_dataset["dataset_name"]
+    aside = raw.parent / "imagesUnlabeled.aside"
+    shutil.move(raw / "imagesUnlabeled", aside)
+    try:
+        result = run(["nnUNetv2_train", "990", "3d_fullres", "0", "-tr", "nnUNetTrainerSASSNet_smoke",
+                      "-p", SMALL_PLANS, "-device", "cpu"], env, check=False)
+        (raw / "imagesUnlabeled").mkdir()
+        empty = run(["nnUNetv2_train", "990", "3d_fullres", "0", "-tr", "nnUNetTrainerSASSNet_smoke",
+                     "-p", SMALL_PLANS, "-device", "cpu"], env, check=False)
+    finally:
+        shutil.rmtree(raw / "imagesUnlabeled", ignore_errors=True)
+        shutil.move(aside, raw / "imagesUnlabeled")
+    for res, what in ((result, "does not exist"), (empty, "is empty")):
+        assert res.returncode != 0
+        last = res.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: no unlabeled images") and what in last and "imagesUnlabeled" in last
+        assert "Traceback" not in res.stderr
+        assert "Epoch 0" not in res.stdout
+
+
+def test_trainer_dir_is_found_by_nnunet_lookup(tiny_dataset, monkeypatch):
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    import nnunet_sassnet.trainers as trainers
+    import nnunet_sassnet.variants as variants
+
+    monkeypatch.setenv("nnUNet_extTrainer", tiny_dataset["env"]["nnUNet_extTrainer"])
+    assert recursive_find_trainer_class_by_name("nnUNetTrainerSASSNet") is trainers.nnUNetTrainerSASSNet
+    assert recursive_find_trainer_class_by_name("nnUNetTrainerSDM") is trainers.nnUNetTrainerSDM
+    found = recursive_find_trainer_class_by_name("nnUNetTrainerSASSNet_smoke")
+    assert found is variants.nnUNetTrainerSASSNet_smoke and found.__name__ == "nnUNetTrainerSASSNet_smoke"
+
+
+def test_user_subclass_in_another_folder_is_found(tiny_dataset, tmp_path, monkeypatch):
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    import nnunet_sassnet.trainers as trainers
+
+    user_dir = tmp_path / "my_trainers"
+    user_dir.mkdir()
+    (user_dir / "my_lab_trainers.py").write_text(
+        "from nnunet_sassnet import nnUNetTrainerSASSNet\n\n\n"
+        "class nnUNetTrainerSASSNetStrongerGAN(nnUNetTrainerSASSNet):\n"
+        "    adversarial_weight_max = 0.01\n")
+    monkeypatch.setenv("nnUNet_extTrainer", os.pathsep.join([tiny_dataset["env"]["nnUNet_extTrainer"],
+                                                             str(user_dir)]))
+    cls = recursive_find_trainer_class_by_name("nnUNetTrainerSASSNetStrongerGAN")
+    assert issubclass(cls, trainers.nnUNetTrainerSASSNet) and cls.adversarial_weight_max == 0.01

@@ -1,0 +1,158 @@
+"""Real training steps of the trainers, in-process, on the tiny dataset."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SMALL_PLANS
+from nnunet_sassnet.sdm import signed_distance_map
+from nnunet_sassnet.trainers import gaussian_rampup
+
+
+def make_trainer(name: str = "nnUNetTrainerSASSNet_smoke", fold="all"):
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    trainer = get_trainer_from_args("990", "3d_fullres", fold, name, SMALL_PLANS, device=torch.device("cpu"))
+    trainer.discriminator_features = 16  # a narrower D keeps the CPU steps quick; the code path is the same
+    return trainer
+
+
+class RecordingLoader:
+    """Passes the real loader's batches through and keeps the last one."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.last = None
+
+    def __next__(self):
+        self.last = next(self.loader)
+        return self.last
+
+
+@pytest.fixture()
+def started_trainer(nnunet_paths):
+    torch.manual_seed(0)
+    trainer = make_trainer()
+    trainer.on_train_start()
+    trainer.on_train_epoch_start()
+    return trainer  # augmentation runs in-process in the tests: no workers to shut down
+
+
+def test_unlabeled_batch_reaches_discriminator_and_generator_but_no_supervised_loss(started_trainer):
+    trainer = started_trainer
+    trainer.dataloader_unlabeled = RecordingLoader(trainer.dataloader_unlabeled)
+    d_inputs, loss_targets = [], []
+    d = trainer.discriminator
+    hook = d.register_forward_hook(lambda m, args, out: d_inputs.append((args[0].detach(), args[1].detach())))
+    loss_fn = trainer.loss
+
+    def recording_loss(output, target):
+        loss_targets.append([t.shape[0] for t in target])
+        return loss_fn(output, target)
+
+    trainer.loss = recording_loss
+    batch = next(trainer.dataloader_train)
+    num_labeled = batch["data"].shape[0]
+    out = trainer.train_step(batch)
+    hook.remove()
+    unlabeled = trainer.dataloader_unlabeled.last
+    num_unlabeled = unlabeled["data"].shape[0]
+    assert num_unlabeled == num_labeled == 2
+
+    # the generator pass sees exactly the unlabeled images, the discriminator update labeled + unlabeled
+    (gen_sdm, gen_images), (disc_sdm, disc_images) = d_inputs
+    assert torch.equal(gen_images, unlabeled["data"])
+    assert torch.equal(disc_images[num_labeled:], unlabeled["data"])
+    assert torch.equal(disc_images[:num_labeled], batch["data"])
+    assert torch.allclose(disc_sdm[num_labeled:], gen_sdm)  # the same predictions, detached (one forward)
+    assert gen_sdm.shape == (num_unlabeled, 1, 16, 16, 16) and gen_sdm.abs().max() <= 1
+    # the supervised loss only ever saw the labeled patches' targets
+    assert loss_targets == [[num_labeled] * len(loss_targets[0])]
+    for key in ("loss", "seg_loss", "sdm_loss", "gen_loss", "disc_loss"):
+        assert np.isfinite(out[key]), key
+    assert out["adversarial_weight"] == pytest.approx(0.001 * gaussian_rampup(0, 6))
+    assert trainer.current_iteration == 1
+
+
+def test_generator_term_depends_on_unlabeled_patches(started_trainer):
+    trainer = started_trainer
+    batch = next(trainer.dataloader_train)
+    unlabeled = next(trainer.dataloader_unlabeled)
+    d = trainer._plain_discriminator().eval()  # no dropout: D is a fixed function here
+    with torch.no_grad():
+        _, sdm = trainer.network(torch.cat((batch["data"], unlabeled["data"])), return_sdm=True)
+        sdm = sdm[:, trainer.sdm_channels]
+        logits_unlabeled = d(sdm[2:], unlabeled["data"])
+        logits_swapped = d(sdm[2:], batch["data"])
+    assert not torch.allclose(logits_unlabeled, logits_swapped)
+
+
+def test_discriminator_learns_to_separate(started_trainer):
+    trainer = started_trainer
+    d = trainer._plain_discriminator()
+    before = {k: v.clone() for k, v in d.state_dict().items()}
+    net_before = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+    sdm = torch.cat((torch.full((2, 1, 16, 16, 16), 0.5), torch.full((2, 1, 16, 16, 16), -0.5)))
+    images = torch.zeros((4, 1, 16, 16, 16))
+    losses = [float(trainer.update_discriminator(sdm, images, 2)["disc_loss"].detach()) for _ in range(15)]
+    assert losses[-1] < losses[0]
+    assert any(not torch.equal(before[k], v) for k, v in d.state_dict().items())
+    # the discriminator update never touches the segmentation network
+    assert all(torch.equal(net_before[k], v) for k, v in trainer.network.state_dict().items())
+
+
+def test_sdm_targets_follow_the_augmented_patch(started_trainer):
+    trainer = started_trainer
+    batch = next(trainer.dataloader_train)
+    full_res = batch["target"][0]
+    targets = trainer.sdm_targets(full_res)
+    assert targets.shape == (2, 1, 16, 16, 16)
+    for i in range(2):
+        expected = signed_distance_map(full_res[i, 0].numpy() == 1)
+        assert torch.equal(targets[i, 0], torch.from_numpy(expected))
+
+
+def test_network_returns_plain_segmentation_without_running_the_head(started_trainer):
+    trainer = started_trainer
+    net = trainer.network
+    calls = []
+    hook = net.sdm_head.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        plain = net(x)
+        seg, sdm = net(x, return_sdm=True)
+    hook.remove()
+    assert calls == [1]  # only the call that asked for the SDM
+    assert isinstance(plain, list) and all(torch.equal(a, b) for a, b in zip(plain, seg))
+    trainer.set_deep_supervision_enabled(False)
+    with torch.no_grad():
+        single = net(x)
+    trainer.set_deep_supervision_enabled(True)
+    assert torch.is_tensor(single) and single.shape == (1, 2, 16, 16, 16)
+
+
+def test_checkpoint_of_compiled_modules_has_plain_keys_and_loads_in_predictor(started_trainer, tmp_path):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    trainer = started_trainer
+    trainer.network = torch.compile(trainer.network)
+    trainer.discriminator = torch.compile(trainer.discriminator)
+    fold_dir = tmp_path / "model" / "fold_all"
+    fold_dir.mkdir(parents=True)
+    trainer.save_checkpoint(str(fold_dir / "checkpoint_final.pth"))
+    checkpoint = torch.load(fold_dir / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert not any("_orig_mod" in k for k in checkpoint["network_weights"])
+    assert not any("_orig_mod" in k for k in checkpoint["sassnet"]["discriminator_weights"])
+    import shutil
+    shutil.copy(f"{trainer.output_folder_base}/plans.json", tmp_path / "model")
+    shutil.copy(f"{trainer.output_folder_base}/dataset.json", tmp_path / "model")
+    predictor = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(tmp_path / "model"), use_folds=("all",))
+    assert type(predictor.network).__name__ == "SASSNetwork"
+
+
+def test_gaussian_rampup():
+    assert gaussian_rampup(0, 100) == pytest.approx(np.exp(-5))
+    assert gaussian_rampup(50, 100) == pytest.approx(np.exp(-5 * 0.25))
+    assert gaussian_rampup(100, 100) == 1.0 and gaussian_rampup(500, 100) == 1.0
