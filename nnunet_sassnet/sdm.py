@@ -111,7 +111,7 @@ def _distance_1d_first_axis(target: torch.Tensor, spacing: float, big: float) ->
     n = target.shape[1]
     shape = [1, n] + [1] * (target.ndim - 2)
     idx = torch.arange(n, device=target.device, dtype=torch.float32).view(shape)
-    inf = torch.tensor(float("inf"), device=target.device)
+    inf = float("inf")  # a Python scalar: a device tensor made from it would cost a host-device copy
     last = torch.where(target, idx, -inf).cummax(dim=1).values
     nxt = torch.where(target, idx, inf).flip(1).cummin(dim=1).values.flip(1)
     d = torch.minimum(idx - last, nxt - idx) * spacing

@@ -117,8 +117,7 @@ class nnUNetTrainerSDM(nnUNetTrainer):
             if self.label_manager.has_regions:
                 masks = target[:, self.sdm_channels].bool()
             else:
-                labels = torch.as_tensor(self.sdm_channels, device=target.device)
-                masks = target[:, :1] == labels.view(1, -1, *([1] * (target.ndim - 2)))
+                masks = torch.cat([target[:, :1] == c for c in self.sdm_channels], dim=1)
             n, k = masks.shape[:2]
             sdm = signed_distance_maps(masks.reshape(n * k, *masks.shape[2:]), self.sdm_spacing)
             return sdm.to(target.device).reshape(masks.shape)
@@ -223,7 +222,6 @@ class nnUNetTrainerSASSNet(nnUNetTrainerSDM):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.discriminator = None
         self.discriminator_optimizer = None
-        self.discriminator_grad_scaler = torch.GradScaler("cuda") if self.device.type == "cuda" else None
         #: training iterations done so far: the t of beta(t); continues on resume
         self.current_iteration = 0
         self.dataloader_unlabeled = None
@@ -334,7 +332,7 @@ class nnUNetTrainerSASSNet(nnUNetTrainerSDM):
                 seg, sdm = self.network(data, return_sdm=True)
                 losses = self.supervised_losses(seg, sdm, target, num_labeled)
                 sdm = sdm[:, self.sdm_channels]
-                logits_unlabeled = d_plain(sdm[num_labeled:], data_unlabeled)
+                logits_unlabeled = self._discriminate(d_plain, sdm[num_labeled:], data_unlabeled)
                 # -log D(X_u, S_u): unlabeled SDMs should look like labeled ones
                 gen_loss = F.binary_cross_entropy_with_logits(logits_unlabeled.float(),
                                                               torch.ones_like(logits_unlabeled, dtype=torch.float))
@@ -349,29 +347,33 @@ class nnUNetTrainerSASSNet(nnUNetTrainerSDM):
         logged["adversarial_weight"] = beta
         return logged
 
+    def _discriminate(self, discriminator: nn.Module, sdm: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """D's logits, computed in float32 even inside nnU-Net's autocast.
+
+        The adversarial game is the fragile part of training; float32 keeps D's small gradients intact
+        without a second gradient scaler (whose inf check would cost a host-device synchronisation per step),
+        and D is cheap next to the U-Net.
+        """
+        with autocast(self.device.type, enabled=False) if self.device.type == "cuda" else dummy_context():
+            return discriminator(sdm.float(), images.float())
+
     def update_discriminator(self, sdm: torch.Tensor, images: torch.Tensor, num_labeled: int
                              ) -> dict[str, torch.Tensor]:
         """One discriminator step on the step's own (detached) predictions: labeled = 1, unlabeled = 0."""
         self.discriminator_optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
-            logits = self.discriminator(sdm, images).float()
+        logits = self._discriminate(self.discriminator, sdm, images)
         labels = torch.zeros_like(logits)
         labels[:num_labeled] = 1.0
         disc_loss = F.binary_cross_entropy_with_logits(logits, labels)
-        if self.discriminator_grad_scaler is not None:
-            self.discriminator_grad_scaler.scale(disc_loss).backward()
-            self.discriminator_grad_scaler.step(self.discriminator_optimizer)
-            self.discriminator_grad_scaler.update()
-        else:
-            disc_loss.backward()
-            self.discriminator_optimizer.step()
+        disc_loss.backward()
+        self.discriminator_optimizer.step()
         correct = ((logits.detach() > 0).float() == labels).float()
         return {"disc_loss": disc_loss, "disc_acc_labeled": correct[:num_labeled].mean(),
                 "disc_acc_unlabeled": correct[num_labeled:].mean()}
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint plus the discriminator, its optimizer and scaler, and beta(t)'s iteration."""
+        """nnU-Net's checkpoint plus the discriminator, its optimizer, and beta(t)'s iteration."""
         if self.local_rank != 0:
             return
         if self.disable_checkpointing:
@@ -391,8 +393,6 @@ class nnUNetTrainerSASSNet(nnUNetTrainerSDM):
             "sassnet": {
                 "discriminator_weights": unwrap_module(self.discriminator).state_dict(),
                 "discriminator_optimizer_state": self.discriminator_optimizer.state_dict(),
-                "discriminator_grad_scaler_state": self.discriminator_grad_scaler.state_dict()
-                if self.discriminator_grad_scaler is not None else None,
                 "current_iteration": self.current_iteration,
             },
         }
@@ -410,8 +410,6 @@ class nnUNetTrainerSASSNet(nnUNetTrainerSDM):
             return
         unwrap_module(self.discriminator).load_state_dict(state["discriminator_weights"])
         self.discriminator_optimizer.load_state_dict(state["discriminator_optimizer_state"])
-        if self.discriminator_grad_scaler is not None and state["discriminator_grad_scaler_state"] is not None:
-            self.discriminator_grad_scaler.load_state_dict(state["discriminator_grad_scaler_state"])
         self.current_iteration = int(state["current_iteration"])
 
 
