@@ -19,7 +19,10 @@ ACCURACY_CURVES = {
     "disc_acc_unlabeled": "D accuracy, unlabeled",
 }
 BETA_KEY = "adversarial_weights"
-SKIPPED_KEY = "skipped_steps"
+SKIPPED_CURVES = {
+    "skipped_steps_network": "skipped steps (non-finite loss), network",
+    "skipped_steps_discriminator": "skipped steps, discriminator",
+}
 
 
 class SASSNetLocalLogger(LocalLogger):
@@ -70,6 +73,13 @@ class SASSNetLocalLogger(LocalLogger):
         ax_loss.set_xlabel("epoch")
         ax_loss.set_ylabel("loss")
         ax_loss.legend(loc=(0, 1), ncol=4)
+        skipped = [k for k in SKIPPED_CURVES if k in logs]
+        if skipped:
+            ax_skip = ax_loss.twinx()
+            for key in skipped:
+                ax_skip.plot(x, logs[key][:epochs], ls=":", label=SKIPPED_CURVES[key], linewidth=3)
+            ax_skip.set_ylabel("skipped steps")
+            ax_skip.legend(loc=(0.6, 1))
         for key, label in ACCURACY_CURVES.items():
             if key in logs:
                 ax_acc.plot(x, logs[key][:epochs], label=label, linewidth=4)

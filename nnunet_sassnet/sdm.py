@@ -21,6 +21,7 @@ the boundary stays the 6-neighbour boundary either way.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Sequence
 
 import edt
@@ -118,17 +119,40 @@ def _distance_1d_first_axis(target: torch.Tensor, spacing: float, big: float) ->
     return torch.where(torch.isinf(d), torch.full_like(d, big), d * d)
 
 
+def _min_plus_block(lines: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
+    return (lines[:, None, :] + sq[None]).amin(dim=-1)
+
+
+_compiled_min_plus = None
+_compile_failed = False
+
+
+def _use_compiled_kernel(t: torch.Tensor) -> bool:
+    # on CUDA, torch.compile fuses the broadcast and the reduction into one kernel that never materialises
+    # the (lines, n, n) intermediate; nnU-Net's own switch (nnUNet_compile) turns it off as well
+    setting = os.environ.get("nnUNet_compile", "true").lower()
+    return t.is_cuda and not _compile_failed and setting in ("true", "1", "t")
+
+
 def _min_plus_last_axis(f: torch.Tensor, spacing: float) -> torch.Tensor:
     """g[..., i] = min_j f[..., j] + (spacing * (i - j))^2, exact, over the last dim."""
+    global _compiled_min_plus, _compile_failed
     n = f.shape[-1]
     pos = torch.arange(n, device=f.device, dtype=torch.float32)
     sq = ((pos[:, None] - pos[None, :]) * spacing) ** 2  # (i, j)
     lines = f.reshape(-1, n)
+    if _use_compiled_kernel(lines):
+        try:
+            if _compiled_min_plus is None:
+                _compiled_min_plus = torch.compile(_min_plus_block, dynamic=False)
+            return _compiled_min_plus(lines, sq).reshape(f.shape)
+        except Exception as e:  # no working compiler toolchain: the eager path gives the same result
+            _compile_failed = True
+            warnings.warn(f"torch.compile of the SDM kernel failed ({type(e).__name__}); using eager mode")
     rows_per_chunk = max(1, _MIN_PLUS_CHUNK_ELEMENTS // (n * n))
     out = torch.empty_like(lines)
     for start in range(0, lines.shape[0], rows_per_chunk):
-        chunk = lines[start:start + rows_per_chunk]
-        out[start:start + rows_per_chunk] = (chunk[:, None, :] + sq[None]).amin(dim=-1)
+        out[start:start + rows_per_chunk] = _min_plus_block(lines[start:start + rows_per_chunk], sq)
     return out.reshape(f.shape)
 
 

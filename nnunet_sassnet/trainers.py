@@ -38,9 +38,14 @@ from nnunet_sassnet.unlabeled import (UNLABELED_IMAGES_FOLDER, compute_stamp, li
                                       preprocess_unlabeled, unlabeled_data_is_current,
                                       unlabeled_preprocessed_folder)
 
-__all__ = ["nnUNetTrainerSDM", "nnUNetTrainerSASSNet", "trainer_variant", "gaussian_rampup"]
+__all__ = ["nnUNetTrainerSDM", "nnUNetTrainerSASSNet", "trainer_variant", "gaussian_rampup",
+           "NonFiniteLossError"]
 
 install_excepthook()
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive training steps had non-finite losses; the run stops instead of going on."""
 
 
 def gaussian_rampup(iteration: int, total_iterations: int) -> float:
@@ -59,8 +64,13 @@ class nnUNetTrainerSDM(nnUNetTrainer):
     #: SDM distances in mm ("physical") or voxels ("voxel", the published code); identical on isotropic data
     sdm_units: str = "physical"
 
-    #: per-epoch means logged and plotted in addition to nnU-Net's
-    extra_log_keys: tuple[str, ...] = ("seg_losses", "sdm_losses")
+    #: a step whose loss is not finite is skipped (and counted); after this many in a row the run stops
+    max_consecutive_skipped_steps: int = 50
+
+    #: per-epoch values logged and plotted in addition to nnU-Net's
+    extra_log_keys: tuple[str, ...] = ("seg_losses", "sdm_losses", "skipped_steps_network")
+    #: the networks whose updates are skipped on non-finite losses
+    updated_networks: tuple[str, ...] = ("network",)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -98,6 +108,12 @@ class nnUNetTrainerSDM(nnUNetTrainer):
             if self.label_manager.has_regions else list(range(1, self.label_manager.num_segmentation_heads))
         spacing = self.configuration_manager.spacing
         self.sdm_spacing = tuple(float(s) for s in spacing) if self.sdm_units == "physical" else None
+        if self.grad_scaler is None:
+            # nnU-Net has no scaler on the CPU; its found-inf check is what skips an update whose loss is not
+            # finite, so the CPU gets one too (the scale cancels out before clipping and the step)
+            self.grad_scaler = torch.GradScaler("cpu")
+        # consecutive skipped steps per network, kept on the device: reading them costs no extra sync
+        self._consecutive_skips = {name: torch.zeros((), device=self.device) for name in self.updated_networks}
 
     # ---- one training step --------------------------------------------------------------------------------
     def _autocast(self):
@@ -136,18 +152,41 @@ class nnUNetTrainerSDM(nnUNetTrainer):
         sdm_loss = F.mse_loss(sdm_pred, self.sdm_targets(full_res_target))
         return {"seg_loss": seg_loss, "sdm_loss": sdm_loss}
 
-    def step_network(self, loss: torch.Tensor) -> None:
-        """Backward and optimizer step for the segmentation network, as nnU-Net does it."""
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
+    def step_network(self, loss: torch.Tensor) -> torch.Tensor:
+        """Backward and optimizer step for the segmentation network, as nnU-Net does it.
+
+        A non-finite loss gives non-finite gradients, which the grad scaler's found-inf check skips. Returns
+        the step's skip flag (a device tensor, 1.0 if the loss was not finite).
+        """
+        self.grad_scaler.scale(loss).backward()
+        self.grad_scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
+        return self.count_skip("network", loss)
+
+    def count_skip(self, network: str, loss: torch.Tensor) -> torch.Tensor:
+        """Update the consecutive-skip counter of ``network``; return this step's skip flag (on the device)."""
+        skipped = (~torch.isfinite(loss.detach())).float()
+        self._consecutive_skips[network] = (self._consecutive_skips[network] + 1.0) * skipped
+        return skipped
+
+    def skip_counters(self) -> dict[str, torch.Tensor]:
+        return {f"consecutive_skips_{name}": count for name, count in self._consecutive_skips.items()}
+
+    def check_skips(self, logged: dict) -> None:
+        """Stop with a checkpoint after too many consecutive non-finite steps (values already on the host)."""
+        for name in self.updated_networks:
+            count = int(logged[f"consecutive_skips_{name}"])
+            if count >= self.max_consecutive_skipped_steps:
+                checkpoint = os.path.join(self.output_folder, "checkpoint_latest.pth")
+                self.save_checkpoint(checkpoint)
+                message = (f"{count} consecutive training steps had a non-finite loss for the {name}; their "
+                           f"updates were skipped, so the weights are still finite and were saved to "
+                           f"{checkpoint}. Check the data for NaN/inf values, or lower the learning rates, then "
+                           f"continue with --c")
+                self.print_to_log_file(message)
+                raise NonFiniteLossError(message)
 
     @staticmethod
     def to_host(values: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -164,8 +203,10 @@ class nnUNetTrainerSDM(nnUNetTrainer):
             seg, sdm = self.network(data, return_sdm=True)
             losses = self.supervised_losses(seg, sdm, target, data.shape[0])
             loss = losses["seg_loss"] + self.sdm_loss_weight * losses["sdm_loss"]
-        self.step_network(loss)
-        return self.to_host({"loss": loss, **losses})
+        skipped = self.step_network(loss)
+        logged = self.to_host({"loss": loss, **losses, "skipped_network": skipped, **self.skip_counters()})
+        self.check_skips(logged)
+        return logged
 
     # ---- logging ------------------------------------------------------------------------------------------
     def _epoch_mean(self, outputs: dict, key: str) -> float:
@@ -176,14 +217,18 @@ class nnUNetTrainerSDM(nnUNetTrainer):
             values = np.concatenate([np.atleast_1d(g) for g in gathered])
         return float(np.nanmean(values)) if values.size else float("nan")
 
-    # map: key returned by train_step -> logger key
-    step_to_log_keys: dict[str, str] = {"seg_loss": "seg_losses", "sdm_loss": "sdm_losses"}
+    # map: key returned by train_step -> logger key (epoch means; skip counts are epoch sums)
+    step_to_log_keys: dict[str, str] = {"seg_loss": "seg_losses", "sdm_loss": "sdm_losses",
+                                        "skipped_network": "skipped_steps_network"}
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
         super().on_train_epoch_end(train_outputs)
         outputs = collate_outputs(train_outputs)
         for step_key, log_key in self.step_to_log_keys.items():
-            self.logger.log(log_key, self._epoch_mean(outputs, step_key), self.current_epoch)
+            value = self._epoch_mean(outputs, step_key)
+            if log_key.startswith("skipped_steps"):
+                value = int(round(value * len(train_outputs)))  # a count: the mean times the steps
+            self.logger.log(log_key, value, self.current_epoch)
 
     def on_epoch_end(self):
         parts = []
@@ -212,16 +257,20 @@ class nnUNetTrainerSASSNet(nnUNetTrainerSDM):
     discriminator_dropout: float = 0.5
 
     extra_log_keys = ("seg_losses", "sdm_losses", "gen_losses", "disc_losses", "disc_acc_labeled",
-                      "disc_acc_unlabeled", BETA_KEY)
+                      "disc_acc_unlabeled", BETA_KEY, "skipped_steps_network", "skipped_steps_discriminator")
     step_to_log_keys = {"seg_loss": "seg_losses", "sdm_loss": "sdm_losses", "gen_loss": "gen_losses",
                         "disc_loss": "disc_losses", "disc_acc_labeled": "disc_acc_labeled",
-                        "disc_acc_unlabeled": "disc_acc_unlabeled", "adversarial_weight": BETA_KEY}
+                        "disc_acc_unlabeled": "disc_acc_unlabeled", "adversarial_weight": BETA_KEY,
+                        "skipped_network": "skipped_steps_network",
+                        "skipped_discriminator": "skipped_steps_discriminator"}
+    updated_networks = ("network", "discriminator")
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.discriminator = None
         self.discriminator_optimizer = None
+        self.discriminator_grad_scaler = None
         #: training iterations done so far: the t of beta(t); continues on resume
         self.current_iteration = 0
         self.dataloader_unlabeled = None
@@ -246,8 +295,11 @@ class nnUNetTrainerSASSNet(nnUNetTrainerSDM):
             sdm_channels=len(self.sdm_channels), image_channels=self.num_input_channels,
             strides=discriminator_strides(self.configuration_manager.pool_op_kernel_sizes),
             base_features=self.discriminator_features, dropout=self.discriminator_dropout).to(self.device)
+        # fused Adam takes the scaler's found-inf flag on the device: a non-finite D loss skips D's update
+        # without a host-device synchronisation (D runs in float32: the scaler is there only for that check)
         self.discriminator_optimizer = torch.optim.Adam(d.parameters(), lr=self.discriminator_lr,
-                                                        betas=self.discriminator_betas)
+                                                        betas=self.discriminator_betas, fused=True)
+        self.discriminator_grad_scaler = torch.GradScaler(self.device.type)
         if self.is_ddp:
             # keep the CPU (gloo) branch free of device_ids; CUDA ranks pin their own device
             d = nn.parallel.DistributedDataParallel(
@@ -337,22 +389,23 @@ class nnUNetTrainerSASSNet(nnUNetTrainerSDM):
                 gen_loss = F.binary_cross_entropy_with_logits(logits_unlabeled.float(),
                                                               torch.ones_like(logits_unlabeled, dtype=torch.float))
                 loss = losses["seg_loss"] + self.sdm_loss_weight * losses["sdm_loss"] + beta * gen_loss
-            self.step_network(loss)
+            skipped = self.step_network(loss)
         finally:
             d_plain.requires_grad_(True)
 
         disc = self.update_discriminator(sdm.detach(), data, num_labeled)
         self.current_iteration += 1
-        logged = self.to_host({"loss": loss, **losses, "gen_loss": gen_loss, **disc})
+        logged = self.to_host({"loss": loss, **losses, "gen_loss": gen_loss, **disc, "skipped_network": skipped,
+                               **self.skip_counters()})
         logged["adversarial_weight"] = beta
+        self.check_skips(logged)
         return logged
 
     def _discriminate(self, discriminator: nn.Module, sdm: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """D's logits, computed in float32 even inside nnU-Net's autocast.
 
-        The adversarial game is the fragile part of training; float32 keeps D's small gradients intact
-        without a second gradient scaler (whose inf check would cost a host-device synchronisation per step),
-        and D is cheap next to the U-Net.
+        The adversarial game is the fragile part of training; float32 keeps D's small gradients intact, and D
+        is cheap next to the U-Net.
         """
         with autocast(self.device.type, enabled=False) if self.device.type == "cuda" else dummy_context():
             return discriminator(sdm.float(), images.float())
@@ -365,11 +418,13 @@ class nnUNetTrainerSASSNet(nnUNetTrainerSDM):
         labels = torch.zeros_like(logits)
         labels[:num_labeled] = 1.0
         disc_loss = F.binary_cross_entropy_with_logits(logits, labels)
-        disc_loss.backward()
-        self.discriminator_optimizer.step()
+        self.discriminator_grad_scaler.scale(disc_loss).backward()
+        self.discriminator_grad_scaler.step(self.discriminator_optimizer)
+        self.discriminator_grad_scaler.update()
         correct = ((logits.detach() > 0).float() == labels).float()
         return {"disc_loss": disc_loss, "disc_acc_labeled": correct[:num_labeled].mean(),
-                "disc_acc_unlabeled": correct[num_labeled:].mean()}
+                "disc_acc_unlabeled": correct[num_labeled:].mean(),
+                "skipped_discriminator": self.count_skip("discriminator", disc_loss)}
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def save_checkpoint(self, filename: str) -> None:
@@ -393,6 +448,7 @@ class nnUNetTrainerSASSNet(nnUNetTrainerSDM):
             "sassnet": {
                 "discriminator_weights": unwrap_module(self.discriminator).state_dict(),
                 "discriminator_optimizer_state": self.discriminator_optimizer.state_dict(),
+                "discriminator_grad_scaler_state": self.discriminator_grad_scaler.state_dict(),
                 "current_iteration": self.current_iteration,
             },
         }
@@ -410,6 +466,7 @@ class nnUNetTrainerSASSNet(nnUNetTrainerSDM):
             return
         unwrap_module(self.discriminator).load_state_dict(state["discriminator_weights"])
         self.discriminator_optimizer.load_state_dict(state["discriminator_optimizer_state"])
+        self.discriminator_grad_scaler.load_state_dict(state["discriminator_grad_scaler_state"])
         self.current_iteration = int(state["current_iteration"])
 
 

@@ -156,3 +156,64 @@ def test_gaussian_rampup():
     assert gaussian_rampup(0, 100) == pytest.approx(np.exp(-5))
     assert gaussian_rampup(50, 100) == pytest.approx(np.exp(-5 * 0.25))
     assert gaussian_rampup(100, 100) == 1.0 and gaussian_rampup(500, 100) == 1.0
+
+
+def test_non_finite_losses_skip_updates_and_stop_the_run(started_trainer):
+    from nnunet_sassnet.trainers import NonFiniteLossError
+
+    trainer = started_trainer
+    net_before = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+    d = trainer._plain_discriminator()
+    d_before = {k: v.clone() for k, v in d.state_dict().items()}
+    batch = next(trainer.dataloader_train)
+    poisoned = {**batch, "data": batch["data"].clone()}
+    poisoned["data"][0, 0, 0, 0, 0] = float("nan")  # one NaN voxel in a real batch
+    out = trainer.train_step(poisoned)
+    assert not np.isfinite(out["loss"]) and out["skipped_network"] == 1 and out["skipped_discriminator"] == 1
+    assert all(torch.equal(net_before[k], v) for k, v in trainer.network.state_dict().items())
+    assert all(torch.equal(d_before[k], v) for k, v in d.state_dict().items())
+    assert all(torch.isfinite(v).all() for v in trainer.network.state_dict().values() if v.is_floating_point())
+
+    out = trainer.train_step(next(trainer.dataloader_train))  # a good step resets the count
+    assert out["skipped_network"] == 0 and out["consecutive_skips_network"] == 0
+
+    trainer.max_consecutive_skipped_steps = 2
+    trainer.train_step(poisoned)
+    with pytest.raises(NonFiniteLossError, match="2 consecutive training steps"):
+        trainer.train_step(poisoned)
+    saved = torch.load(f"{trainer.output_folder}/checkpoint_latest.pth", map_location="cpu", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in saved["network_weights"].values() if v.is_floating_point())
+
+    outputs = [{"loss": np.float32(1), "seg_loss": np.float32(1), "sdm_loss": np.float32(1),
+                "gen_loss": np.float32(1), "disc_loss": np.float32(1), "disc_acc_labeled": np.float32(1),
+                "disc_acc_unlabeled": np.float32(0), "adversarial_weight": 0.001,
+                "skipped_network": np.float32(s), "skipped_discriminator": np.float32(0)} for s in (1, 0, 1)]
+    trainer.on_train_epoch_end(outputs)
+    assert trainer.logger.get_value("skipped_steps_network", step=-1) == 2
+
+
+def test_resume_continues_the_adversarial_game(started_trainer):
+    trainer = started_trainer
+    for _ in range(3):
+        trainer.train_step(next(trainer.dataloader_train))
+    path = f"{trainer.output_folder}/checkpoint_test_resume.pth"
+    trainer.save_checkpoint(path)
+
+    resumed = make_trainer()
+    resumed.load_checkpoint(path)
+    assert resumed.current_iteration == trainer.current_iteration == 3
+    assert resumed.adversarial_weight(resumed.current_iteration) == trainer.adversarial_weight(3) > 0
+    d_old, d_new = trainer._plain_discriminator().state_dict(), resumed._plain_discriminator().state_dict()
+    assert all(torch.equal(d_old[k], d_new[k]) for k in d_old)
+    state_old = trainer.discriminator_optimizer.state_dict()["state"]
+    state_new = resumed.discriminator_optimizer.state_dict()["state"]
+    assert all(float(state_new[i]["step"]) == float(state_old[i]["step"]) == 3 for i in state_old)
+    assert all(torch.equal(state_new[i]["exp_avg_sq"], state_old[i]["exp_avg_sq"]) for i in state_old)
+    assert resumed.discriminator_grad_scaler.state_dict() == trainer.discriminator_grad_scaler.state_dict()
+
+    # and training goes on from there
+    resumed.on_train_start()
+    resumed.on_train_epoch_start()
+    out = resumed.train_step(next(resumed.dataloader_train))
+    assert np.isfinite(out["loss"]) and resumed.current_iteration == 4
+    assert float(resumed.discriminator_optimizer.state_dict()["state"][0]["step"]) == 4

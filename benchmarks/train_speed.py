@@ -1,0 +1,270 @@
+"""Speed and memory of nnUNetTrainerSASSNet against nnUNetTrainer, measured in one process on real LA scans.
+
+Targets (issue "Speed"), each printed as one line with the measured ratio and the pass mark:
+
+1. a SASSNet training step with 2 labeled + 2 unlabeled patches <= 1.15 x nnUNetTrainer's step with batch 4;
+2. the SDM targets of the step's labeled patches <= 5 % of that step (exact, on the GPU);
+3. one forward pass of the U-Net per step (counted with a forward hook);
+4. peak GPU memory <= 1.2 x nnUNetTrainer with batch 4;
+5. sliding-window inference with the SASSNet network <= 1.02 x nnU-Net's network of the same plan;
+plus the host-device synchronisations per step of each trainer (CUDA only).
+
+Both trainers get the same pre-fetched, augmented batches (data loading is excluded: the workers run in
+the background in real training), the same patch and the same plan. Absolute times count only from a GPU.
+
+    python benchmarks/train_speed.py --device cuda --workdir /tmp/speed          # GPU figures
+    python benchmarks/train_speed.py --device cpu --cpu-smoke --workdir /tmp/s   # CI smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "la2018_uamt_lite_1.25mm"
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import nnunet_tool, prepare_la_dataset  # noqa: E402
+
+
+def synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def count_syncs(fn) -> int:
+    """Host-device synchronisations inside ``fn`` (CUDA's sync debug mode warns on each)."""
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
+class Cycle:
+    """Cycles through pre-fetched batches (moved to pinned memory like nnU-Net's loader does)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+        self.i = 0
+
+    def __next__(self):
+        batch = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        return batch
+
+
+def _pin(batch, device):
+    import torch
+
+    if device.type != "cuda":
+        return batch
+    pin = (lambda t: t.pin_memory()) if torch.is_tensor(batch["data"]) else None
+    return {"data": pin(batch["data"]),
+            "target": [pin(t) for t in batch["target"]] if isinstance(batch["target"], list) else pin(batch["target"])}
+
+
+def build_trainer(trainer_name: str, dataset_id: int, plans: str, batch_size: int, device):
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    trainer = get_trainer_from_args(str(dataset_id), "3d_fullres", "all", trainer_name, plans, device=device)
+    trainer.configuration_manager.configuration["batch_size"] = batch_size
+    trainer.on_train_start()
+    trainer.on_train_epoch_start()
+    return trainer
+
+
+def stop_loaders(trainer) -> None:
+    for name in ("dataloader_train", "dataloader_val", "dataloader_unlabeled"):
+        loader = getattr(trainer, name, None)
+        if hasattr(loader, "_finish"):
+            loader._finish()
+
+
+def time_steps(trainer, batches, warmup: int, steps: int, device) -> dict:
+    """Seconds per train_step, peak memory, forward passes of the U-Net per step."""
+    import torch
+
+    for _ in range(warmup):
+        trainer.train_step(next(batches))
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    forwards = []
+    from nnunet_sassnet.networks import unwrap_module
+    encoder = unwrap_module(trainer.network).encoder
+    hook = encoder.register_forward_hook(lambda *a: forwards.append(1))
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        trainer.train_step(next(batches))
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    hook.remove()
+    result = {"step_s_median": statistics.median(times), "step_s_mean": float(np.mean(times)),
+              "forward_passes_per_step": len(forwards) / steps}
+    if device.type == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        result["syncs_per_step"] = count_syncs(lambda: trainer.train_step(next(batches)))
+    return result
+
+
+def time_sdm_targets(trainer, batch, reps: int, device) -> float:
+    target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
+    target = target.to(device)
+    for _ in range(3):
+        trainer.sdm_targets(target)
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        trainer.sdm_targets(target)
+    synchronize(device)
+    return (time.perf_counter() - t0) / reps
+
+
+def time_inference(dataset_id: int, plans: str, device, runs: int, num_volumes: int) -> dict:
+    """Sliding-window prediction of preloaded volumes: SASSNet's network vs nnU-Net's, interleaved."""
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_sassnet.trainers import nnUNetTrainerSASSNet
+
+    name = maybe_convert_to_dataset_name(dataset_id)
+    base = os.path.join(str(nnUNet_preprocessed), name)
+    pm = PlansManager(os.path.join(base, plans + ".json"))
+    cm = pm.get_configuration("3d_fullres")
+    dataset_json = load_json(os.path.join(base, "dataset.json"))
+    folder = os.path.join(base, cm.data_identifier)
+    ds = infer_dataset_class(folder)(folder)
+    volumes = [torch.from_numpy(np.asarray(ds.load_case(k)[0][:])) for k in ds.identifiers[:num_volumes]]
+    n_out = pm.get_label_manager(dataset_json).num_segmentation_heads
+    predictors = {}
+    for label, cls in (("nnUNetTrainer", nnUNetTrainer), ("nnUNetTrainerSASSNet", nnUNetTrainerSASSNet)):
+        torch.manual_seed(0)
+        net = cls.build_network_architecture(pm, cm, volumes[0].shape[0], n_out, enable_deep_supervision=False)
+        p = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                            perform_everything_on_device=device.type == "cuda", device=device, verbose=False,
+                            allow_tqdm=False)
+        p.manual_initialization(net.to(device), pm, cm, None, dataset_json, cls.__name__, (0, 1, 2))
+        predictors[label] = p
+
+    def run_all(p):
+        t0 = time.perf_counter()
+        for v in volumes:
+            p.predict_sliding_window_return_logits(v)
+        synchronize(device)
+        return time.perf_counter() - t0
+
+    for p in predictors.values():  # warm-up (cudnn autotuning)
+        run_all(p)
+    times = {k: [] for k in predictors}
+    for _ in range(runs):
+        for k, p in predictors.items():
+            times[k].append(run_all(p))
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    return {"runs": runs, "volumes": len(volumes), "median_s": medians,
+            "ratio": medians["nnUNetTrainerSASSNet"] / medians["nnUNetTrainer"]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="UA-MT-layout LA scans (default: the 1.25 mm copy)")
+    parser.add_argument("--spacing", type=float, default=1.25)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--labeled", type=int, default=6, help="labeled scans in the dataset")
+    parser.add_argument("--unlabeled", type=int, default=6, help="unlabeled scans")
+    parser.add_argument("--warmup", type=int, default=15, help="untimed steps (compilation, cudnn autotuning)")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per trainer")
+    parser.add_argument("--inference-runs", type=int, default=5)
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny plans and few steps (CI)")
+    parser.add_argument("--output", help="JSON file for the figures (default: <workdir>/train_speed.json)")
+    args = parser.parse_args(argv)
+
+    workdir = Path(args.workdir).resolve()
+    env = prepare_la_dataset(workdir, Path(args.data), dataset_id=701, labeled=args.labeled,
+                             unlabeled=args.unlabeled, test=0, spacing=args.spacing, small_plans=args.cpu_smoke)
+    os.environ.update(env)
+    plans = env["BENCH_PLANS"]
+
+    import torch
+
+    device = torch.device(args.device)
+    if args.cpu_smoke:
+        args.warmup, args.steps, args.inference_runs = 1, 2, 1
+    torch.manual_seed(0)
+    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+               "compile": os.environ.get("nnUNet_compile"), "steps": args.steps, "warmup": args.warmup}
+
+    stock = build_trainer("nnUNetTrainer", 701, plans, 4, device)
+    batches = [_pin(next(stock.dataloader_train), device) for _ in range(8)]
+    results["patch_size"] = list(stock.configuration_manager.patch_size)
+    stop_loaders(stock)
+    results["nnUNetTrainer_batch4"] = time_steps(stock, Cycle(batches), args.warmup, args.steps, device)
+    del stock
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+
+    sass = build_trainer("nnUNetTrainerSASSNet", 701, plans, 2, device)
+    labeled = [_pin(next(sass.dataloader_train), device) for _ in range(8)]
+    unlabeled = [_pin(next(sass.dataloader_unlabeled), device) for _ in range(8)]
+    stop_loaders(sass)
+    sass.dataloader_unlabeled = Cycle(unlabeled)
+    results["nnUNetTrainerSASSNet_2plus2"] = time_steps(sass, Cycle(labeled), args.warmup, args.steps, device)
+    results["sdm_targets_s"] = time_sdm_targets(sass, labeled[0], 20 if not args.cpu_smoke else 2, device)
+    del sass
+    results["inference"] = time_inference(701, plans, device, args.inference_runs, 5 if not args.cpu_smoke else 1)
+
+    base = results["nnUNetTrainer_batch4"]
+    ours = results["nnUNetTrainerSASSNet_2plus2"]
+    lines = [
+        ("1 step 2L+2U vs nnUNetTrainer batch 4", ours["step_s_median"] / base["step_s_median"], 1.15),
+        ("2 SDM targets share of the SASSNet step", results["sdm_targets_s"] / ours["step_s_median"], 0.05),
+        ("3 U-Net forward passes per step", ours["forward_passes_per_step"], 1.0),
+    ]
+    if device.type == "cuda":
+        lines.append(("4 peak GPU memory vs nnUNetTrainer batch 4",
+                      ours["peak_memory_gib"] / base["peak_memory_gib"], 1.2))
+    lines.append(("5 sliding-window inference vs nnU-Net's network", results["inference"]["ratio"], 1.02))
+    results["targets"] = {}
+    print(f"\n{results['device']}, {results['date']}, torch {results['torch']}, nnUNet_compile="
+          f"{results['compile']}, patch {results['patch_size']}")
+    print(f"nnUNetTrainer batch 4: {base['step_s_median'] * 1000:.1f} ms/step; "
+          f"SASSNet 2+2: {ours['step_s_median'] * 1000:.1f} ms/step; "
+          f"SDM targets: {results['sdm_targets_s'] * 1000:.2f} ms")
+    if device.type == "cuda":
+        print(f"synchronisations per step: nnUNetTrainer {base['syncs_per_step']}, SASSNet {ours['syncs_per_step']}")
+    for label, value, mark in lines:
+        ok = value <= mark + 1e-9
+        results["targets"][label] = {"value": value, "mark": mark, "pass": ok}
+        print(f"target {label}: {value:.3f} (pass mark <= {mark}) {'PASS' if ok else 'MISS'}")
+    output = Path(args.output) if args.output else workdir / "train_speed.json"
+    output.write_text(json.dumps(results, indent=2, default=float))
+    print(f"written {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
