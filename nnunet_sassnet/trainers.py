@@ -75,6 +75,10 @@ class nnUNetTrainerSDM(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.is_ddp and device.type == "cpu":
+            # nnU-Net's DDP branch assumes CUDA; with gloo on the CPU the requested device stays
+            self.device = device
+            self.grad_scaler = None
         if self.sdm_units not in ("physical", "voxel"):
             raise ValueError(f"sdm_units must be 'physical' or 'voxel', got {self.sdm_units!r}")
         self.logger.local_logger = SASSNetLocalLogger(self.extra_log_keys)
@@ -102,7 +106,17 @@ class nnUNetTrainerSDM(nnUNetTrainer):
             raise NotImplementedError(
                 f"{self.__class__.__name__} does not support datasets with an ignore label yet (sparse "
                 f"annotations); SDM targets need complete labels")
-        super().initialize()
+        cpu_ddp = self.is_ddp and self.device.type == "cpu"
+        if cpu_ddp:
+            self.is_ddp = False  # nnU-Net's initialize would wrap the network with CUDA device ids
+        try:
+            super().initialize()
+        finally:
+            self.is_ddp = self.is_ddp or cpu_ddp
+        if cpu_ddp:
+            self._set_batch_size_and_oversample()  # this rank's share of the batch, as nnU-Net splits it
+            self.network = nn.parallel.DistributedDataParallel(self.network)
+            self.loss = self._build_loss()
         # SDM channel c belongs to segmentation output c; with labels, channel 0 (background) is not used
         self.sdm_channels = list(range(self.label_manager.num_segmentation_heads)) \
             if self.label_manager.has_regions else list(range(1, self.label_manager.num_segmentation_heads))
