@@ -8,13 +8,17 @@ from typing import Callable
 class UserInputError(Exception):
     """Bad input: the message names the file or case and says how to fix it."""
 
+    def one_line(self) -> str:
+        """The message on one line (texts of wrapped library errors can span several)."""
+        return " ".join(str(self).split())
+
 
 def run_cli(main: Callable[[], int]) -> int:
     """Run a command's body; a :class:`UserInputError` becomes ``error: ...`` on stderr and exit code 2."""
     try:
         return main()
     except UserInputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.one_line()}", file=sys.stderr)
         return 2
 
 
@@ -30,7 +34,7 @@ def install_excepthook() -> None:
 
     def hook(exc_type, exc, tb):
         if issubclass(exc_type, UserInputError):
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {exc.one_line()}", file=sys.stderr)
         else:
             previous(exc_type, exc, tb)
 

@@ -1,0 +1,191 @@
+"""Unlabeled scans: preprocessing with the dataset's plans, staleness, and every bad input."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import SMALL_PLANS, run, training_environment
+from synthetic import write_image
+
+
+@pytest.fixture()
+def dataset_copy(tiny_dataset, tmp_path) -> dict:
+    """A private copy of the tiny dataset's raw and preprocessed folders (tests here change them)."""
+    root = tmp_path / "copy"
+    for key in ("raw", "preprocessed"):
+        shutil.copytree(tiny_dataset["root"] / key, root / key)
+    (root / "results").mkdir()
+    env = dict(tiny_dataset["env"])
+    env.update({"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "preprocessed"),
+                "nnUNet_results": str(root / "results")})
+    name = tiny_dataset["dataset_name"]
+    return {"env": env, "raw": root / "raw" / name, "pre": root / "preprocessed" / name, "root": root}
+
+
+def preprocess(env: dict, *extra: str, check: bool = False):
+    return run(["nnunet_sassnet_preprocess_unlabeled", "-d", "990", "-c", "3d_fullres", "-p", SMALL_PLANS,
+                "-np", "1", *extra], env, check=check)
+
+
+def unlabeled_folder(ds: dict) -> Path:
+    return ds["pre"] / f"{SMALL_PLANS}_3d_fullres_unlabeled"
+
+
+def assert_refused(result, *fragments: str) -> None:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    # one error line, the last thing printed (a progress bar may come before it), no traceback
+    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def test_same_preprocessing_as_labeled_scans(dataset_copy):
+    """An unlabeled copy of a labeled scan is preprocessed to exactly nnU-Net's data for that scan."""
+    ds = dataset_copy
+    shutil.copy(ds["raw"] / "imagesTr" / "tr000_0000.nii.gz", ds["raw"] / "imagesUnlabeled" / "dup_0000.nii.gz")
+    preprocess(ds["env"], check=True)
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+    labeled = nnUNetDatasetBlosc2(str(ds["pre"] / f"{SMALL_PLANS}_3d_fullres"))
+    unlabeled = nnUNetDatasetBlosc2(str(unlabeled_folder(ds)))
+    data_l, _, _, props_l = labeled.load_case("tr000")
+    data_u, seg_u, _, props_u = unlabeled.load_case("dup")
+    assert np.array_equal(np.asarray(data_l[:]), np.asarray(data_u[:]))
+    assert props_u["spacing"] == props_l["spacing"]
+    assert set(np.unique(np.asarray(seg_u[:]))) <= {-1, 0}  # no label information, only the nonzero mask
+    assert all(len(v) == 0 for v in props_u["class_locations"].values())
+
+
+def test_stale_data_is_detected_and_redone_by_the_trainer(dataset_copy, monkeypatch):
+    ds = dataset_copy
+    preprocess(ds["env"], check=True)
+    stamp_file = unlabeled_folder(ds) / "sassnet_unlabeled_stamp.json"
+    stamp = json.loads(stamp_file.read_text())
+    # plans changed after the unlabeled data was made (e.g. another normalisation)
+    plans_file = ds["pre"] / f"{SMALL_PLANS}.json"
+    plans = json.loads(plans_file.read_text())
+    plans["configurations"]["3d_fullres"]["batch_size"] = 3
+    plans_file.write_text(json.dumps(plans))
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
+        monkeypatch.setenv(key, ds["env"][key])
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    import torch
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    trainer = get_trainer_from_args("990", "3d_fullres", "all", "nnUNetTrainerSASSNet_smoke", SMALL_PLANS,
+                                    device=torch.device("cpu"))
+    trainer.initialize()
+    trainer._ensure_unlabeled_data()
+    log = Path(trainer.log_file).read_text()
+    assert "made from other plans" in log and "preprocessing 4 unlabeled cases" in log
+    assert json.loads(stamp_file.read_text())["stamp"] != stamp["stamp"]
+    # current now: nothing is redone
+    before = stamp_file.stat().st_mtime_ns
+    trainer._ensure_unlabeled_data()
+    assert stamp_file.stat().st_mtime_ns == before
+
+
+def test_unlabeled_scan_smaller_than_the_patch_is_padded(dataset_copy, monkeypatch):
+    ds = dataset_copy
+    folder = ds["raw"] / "imagesUnlabeled"
+    for f in folder.iterdir():
+        f.unlink()
+    write_image(np.random.default_rng(0).normal(50, 10, (8, 10, 6)).astype(np.float32),
+                str(folder / "small_0000.nii.gz"), 1.0)
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
+        monkeypatch.setenv(key, ds["env"][key])
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    import torch
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    trainer = get_trainer_from_args("990", "3d_fullres", "all", "nnUNetTrainerSASSNet_smoke", SMALL_PLANS,
+                                    device=torch.device("cpu"))
+    trainer.discriminator_features = 16
+    trainer.on_train_start()
+    batch = next(trainer.dataloader_unlabeled)
+    assert tuple(batch["data"].shape) == (2, 1, 16, 16, 16)
+    out = trainer.train_step(next(trainer.dataloader_train))
+    assert np.isfinite(out["loss"])
+
+
+BAD_INPUTS = {
+    "unknown dataset": (lambda ds: None, ["-d", "123"], ["unknown dataset", "123"]),
+    "missing folder": (lambda ds: shutil.rmtree(ds["raw"] / "imagesUnlabeled"), [], ["does not exist",
+                                                                                      "imagesUnlabeled"]),
+    "empty folder": (lambda ds: [f.unlink() for f in (ds["raw"] / "imagesUnlabeled").iterdir()], [],
+                     ["is empty", "imagesUnlabeled"]),
+    "missing channel": (lambda ds: (ds["raw"] / "imagesUnlabeled" / "un001_0000.nii.gz").rename(
+        ds["raw"] / "imagesUnlabeled" / "un001_0001.nii.gz"), [], ["un001_0000.nii.gz", "missing"]),
+    "extra channel": (lambda ds: shutil.copy(ds["raw"] / "imagesUnlabeled" / "un001_0000.nii.gz",
+                                             ds["raw"] / "imagesUnlabeled" / "un001_0001.nii.gz"), [],
+                      ["un001_0001.nii.gz", "extra channel"]),
+    "wrong file ending": (lambda ds: shutil.copy(ds["raw"] / "imagesUnlabeled" / "un001_0000.nii.gz",
+                                                 ds["raw"] / "imagesUnlabeled" / "un009_0000.nrrd"), [],
+                          ["un009_0000.nrrd", "file name"]),
+    "unreadable image": (lambda ds: (ds["raw"] / "imagesUnlabeled" / "un002_0000.nii.gz").write_bytes(b"broken"),
+                         [], ["un002_0000.nii.gz", "could not read"]),
+    "2D image in a 3D dataset": (lambda ds: sitk.WriteImage(
+        sitk.GetImageFromArray(np.ones((24, 24), np.float32)), str(ds["raw"] / "imagesUnlabeled" / "un003_0000.nii.gz")),
+        [], ["un003_0000.nii.gz", "3D"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_refused_and_nothing_is_written(dataset_copy, case):
+    ds = dataset_copy
+    preprocess(ds["env"], check=True)  # a previous, good result that must survive
+    before = sorted(p.name for p in unlabeled_folder(ds).iterdir())
+    stamp = (unlabeled_folder(ds) / "sassnet_unlabeled_stamp.json").read_text()
+    change, args, fragments = BAD_INPUTS[case]
+    change(ds)
+    if args:
+        result = run(["nnunet_sassnet_preprocess_unlabeled", *args, "-c", "3d_fullres"], ds["env"], check=False)
+    else:
+        result = preprocess(ds["env"], "--force")
+    assert_refused(result, *fragments)
+    assert sorted(p.name for p in unlabeled_folder(ds).iterdir()) == before
+    assert (unlabeled_folder(ds) / "sassnet_unlabeled_stamp.json").read_text() == stamp
+    assert not [p for p in ds["pre"].iterdir() if p.name.startswith(".tmp")]
+
+
+def test_no_plans_yet_is_refused(dataset_copy):
+    ds = dataset_copy
+    result = run(["nnunet_sassnet_preprocess_unlabeled", "-d", "990", "-c", "3d_fullres", "-p", "NoSuchPlans"],
+                 ds["env"], check=False)
+    assert_refused(result, "NoSuchPlans.json", "nnUNetv2_plan_and_preprocess")
+
+
+def test_ignore_label_and_cascade_are_not_implemented(dataset_copy, monkeypatch):
+    import torch
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    ds = dataset_copy
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
+        monkeypatch.setenv(key, ds["env"][key])
+    dataset_json = ds["pre"] / "dataset.json"
+    content = json.loads(dataset_json.read_text())
+    content["labels"]["ignore"] = 2
+    dataset_json.write_text(json.dumps(content))
+    trainer = get_trainer_from_args("990", "3d_fullres", "all", "nnUNetTrainerSASSNet", SMALL_PLANS,
+                                    device=torch.device("cpu"))
+    with pytest.raises(NotImplementedError, match="ignore label"):
+        trainer.initialize()
+    del content["labels"]["ignore"]
+    dataset_json.write_text(json.dumps(content))
+    plans_file = ds["pre"] / f"{SMALL_PLANS}.json"
+    plans = json.loads(plans_file.read_text())
+    plans["configurations"]["3d_lowres"] = {**plans["configurations"]["3d_fullres"], "next_stage": "3d_cascade_fullres"}
+    plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+    plans_file.write_text(json.dumps(plans))
+    trainer = get_trainer_from_args("990", "3d_cascade_fullres", "all", "nnUNetTrainerSASSNet", SMALL_PLANS,
+                                    device=torch.device("cpu"))
+    with pytest.raises(NotImplementedError, match="cascade"):
+        trainer.initialize()
