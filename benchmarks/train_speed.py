@@ -106,23 +106,38 @@ def time_steps(trainer, batches, warmup: int, steps: int, device) -> dict:
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    forwards = []
-    from nnunet_sassnet.networks import unwrap_module
-    encoder = unwrap_module(trainer.network).encoder
-    hook = encoder.register_forward_hook(lambda *a: forwards.append(1))
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         trainer.train_step(next(batches))
         synchronize(device)
         times.append(time.perf_counter() - t0)
-    hook.remove()
     result = {"step_s_median": statistics.median(times), "step_s_mean": float(np.mean(times)),
-              "forward_passes_per_step": len(forwards) / steps}
+              "forward_passes_per_step": count_unet_forwards(trainer, batches)}
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
         result["syncs_per_step"] = count_syncs(lambda: trainer.train_step(next(batches)))
     return result
+
+
+def count_unet_forwards(trainer, batches) -> int:
+    """U-Net forward passes in one training step, counted on the uncompiled network.
+
+    A hook on a submodule of a compiled network does not fire, so the step runs once on the plain module.
+    """
+    from nnunet_sassnet.networks import unwrap_module
+
+    network = trainer.network
+    plain = unwrap_module(network)
+    calls = []
+    hook = plain.encoder.register_forward_hook(lambda *args: calls.append(1))
+    trainer.network = plain
+    try:
+        trainer.train_step(next(batches))
+    finally:
+        trainer.network = network
+        hook.remove()
+    return len(calls)
 
 
 def time_sdm_targets(trainer, batch, reps: int, device) -> float:

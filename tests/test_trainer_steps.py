@@ -217,3 +217,12 @@ def test_resume_continues_the_adversarial_game(started_trainer):
     out = resumed.train_step(next(resumed.dataloader_train))
     assert np.isfinite(out["loss"]) and resumed.current_iteration == 4
     assert float(resumed.discriminator_optimizer.state_dict()["state"][0]["step"]) == 4
+
+
+def test_one_unet_forward_per_step(started_trainer):
+    trainer = started_trainer
+    calls = []
+    hook = trainer.network.encoder.register_forward_hook(lambda *args: calls.append(1))
+    trainer.train_step(next(trainer.dataloader_train))
+    hook.remove()
+    assert len(calls) == 1  # the discriminator's update reuses the step's detached predictions
