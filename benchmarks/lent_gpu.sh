@@ -22,8 +22,9 @@ case "${1:-}" in
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
     python3 -c "import torch, nnunetv2; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
     git log -1 --format=%H 2>/dev/null | tee -a "$OUT/gpu.txt"
-    nnUNet_compile=t timeout "${SPEED_TIMEOUT:-330}" python3 benchmarks/train_speed.py --device cuda \
-        --data .gpu/la_lite --workdir /tmp/speed --output "$OUT/train_speed.json" > "$OUT/speed.log" 2>&1
+    nnUNet_compile=t nnUNet_n_proc_DA=8 timeout "${SPEED_TIMEOUT:-330}" python3 benchmarks/train_speed.py --device cuda \
+        --data .gpu/la_lite --workdir /tmp/speed --output "$OUT/train_speed.json" --warmup 8 --steps 25 \
+        > "$OUT/speed.log" 2>&1
     echo "train_speed exit $?"; grep -E "^(target|nnUNetTrainer|synchron|NVIDIA|cpu|written)" "$OUT/speed.log"
     tail -5 "$OUT/speed.log"
     python3 benchmarks/sdm_speed.py --device cuda --data .gpu/la_lite --output "$OUT/sdm_speed.json" \
