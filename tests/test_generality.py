@@ -39,8 +39,9 @@ def multi_dataset(tmp_path_factory):
 def test_train_and_predict_multiclass_multichannel(multi_dataset, configuration, trainer, tmp_path):
     env = training_environment(multi_dataset["env"])
     root, name = multi_dataset["root"], multi_dataset["dataset_name"]
-    run(["nnUNetv2_train", "991", configuration, "all", "-tr", trainer, "-p", SMALL_PLANS, "-device", "cpu"], env)
-    fold = root / "results" / name / f"{trainer}__{SMALL_PLANS}__{configuration}" / "fold_all"
+    # fold 0: nnU-Net's final validation predicts 1 case instead of all 5 (fold "all")
+    run(["nnUNetv2_train", "991", configuration, "0", "-tr", trainer, "-p", SMALL_PLANS, "-device", "cpu"], env)
+    fold = root / "results" / name / f"{trainer}__{SMALL_PLANS}__{configuration}" / "fold_0"
     checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     head = checkpoint["network_weights"]["sdm_head.0.weight"]
     assert head.shape[:2] == (3, 8)  # one SDM channel per output (background unused), 8 decoder features
@@ -54,7 +55,7 @@ def test_train_and_predict_multiclass_multichannel(multi_dataset, configuration,
         assert "sassnet" not in checkpoint
     pred = tmp_path / "pred"
     run(["nnUNetv2_predict", "-i", str(root / "raw" / name / "imagesTs"), "-o", str(pred), "-d", "991", "-c",
-         configuration, "-tr", trainer, "-p", SMALL_PLANS, "-f", "all", "-device", "cpu",
-         "--disable_progress_bar"], env)
+         configuration, "-tr", trainer, "-p", SMALL_PLANS, "-f", "0", "-device", "cpu",
+         "--disable_progress_bar", "--disable_tta"], env)
     seg = sitk.GetArrayFromImage(sitk.ReadImage(str(pred / "ts000.nii.gz")))
     assert seg.shape == (24, 24, 24) and set(np.unique(seg)) <= {0, 1, 2}
