@@ -62,6 +62,45 @@ def test_train_and_predict_through_stock_cli(tiny_dataset, tmp_path):
         assert seg.shape == (24, 24, 24)
         assert set(np.unique(seg)) <= {0, 1}
 
+    # the same command in this process, watched by a global forward hook: the SDM head never runs
+    assert_sdm_head_idle_during_predict(env, root / "raw" / name / "imagesTs", tmp_path / "pred_hooked", trainer)
+
+
+def assert_sdm_head_idle_during_predict(env: dict, images: Path, output: Path, trainer: str) -> None:
+    import sys
+
+    from torch.nn.modules.module import register_module_forward_pre_hook
+
+    from nnunet_sassnet.networks import SASSNetwork
+
+    networks, head_calls = [], []
+
+    def hook(module, args):
+        # a pre-hook sees the network before any of its parts run
+        if isinstance(module, SASSNetwork):
+            networks.append(module)
+        elif any(module is net.sdm_head for net in networks):
+            head_calls.append(module)
+
+    handle = register_module_forward_pre_hook(hook)
+    old_argv, old_env = sys.argv, dict(os.environ)
+    os.environ.update({k: v for k, v in env.items() if k.startswith("nnUNet")})
+    sys.argv = ["nnUNetv2_predict", "-i", str(images), "-o", str(output), "-d", "990", "-c", "3d_fullres",
+                "-tr", trainer, "-p", SMALL_PLANS, "-f", "0", "-device", "cpu", "--disable_progress_bar",
+                "--disable_tta", "-npp", "1", "-nps", "1"]
+    try:
+        from nnunetv2.inference.predict_from_raw_data import predict_entry_point
+
+        predict_entry_point()
+    finally:
+        handle.remove()
+        sys.argv = old_argv
+        os.environ.clear()
+        os.environ.update(old_env)
+    assert networks, "the SASSNet network did not run"
+    assert head_calls == []
+    assert len(list(output.glob("*.nii.gz"))) == 2
+
 
 def test_dataset_without_unlabeled_images_is_refused_before_training(tiny_dataset):
     env = training_environment(tiny_dataset["env"])
