@@ -35,7 +35,8 @@ def multi_dataset(tmp_path_factory):
 
 @pytest.mark.parametrize("configuration,trainer", [("3d_fullres", "nnUNetTrainerSASSNet_smoke"),
                                                    ("2d", "nnUNetTrainerSASSNet_smoke"),
-                                                   ("3d_fullres", "nnUNetTrainerSDM_smoke")])
+                                                   ("3d_fullres", "nnUNetTrainerSDM_smoke"),
+                                                   ("2d", "nnUNetTrainerSDM_smoke")])
 def test_train_and_predict_multiclass_multichannel(multi_dataset, configuration, trainer, tmp_path):
     env = training_environment(multi_dataset["env"])
     root, name = multi_dataset["root"], multi_dataset["dataset_name"]
@@ -56,6 +57,48 @@ def test_train_and_predict_multiclass_multichannel(multi_dataset, configuration,
     pred = tmp_path / "pred"
     run(["nnUNetv2_predict", "-i", str(root / "raw" / name / "imagesTs"), "-o", str(pred), "-d", "991", "-c",
          configuration, "-tr", trainer, "-p", SMALL_PLANS, "-f", "0", "-device", "cpu",
-         "--disable_progress_bar", "--disable_tta"], env)
+         "--disable_progress_bar", "--disable_tta", "-npp", "1", "-nps", "1"], env)
     seg = sitk.GetArrayFromImage(sitk.ReadImage(str(pred / "ts000.nii.gz")))
     assert seg.shape == (24, 24, 24) and set(np.unique(seg)) <= {0, 1, 2}
+
+
+def test_region_based_dataset_gets_one_sdm_per_region(multi_dataset, tmp_path, monkeypatch):
+    """nnU-Net's regions (here: 'whole' = labels 1+2, 'core' = label 2): SDM targets of the region masks."""
+    import json
+    import shutil
+
+    from nnunet_sassnet.sdm import signed_distance_map
+
+    root = tmp_path / "regions"
+    for key in ("raw", "preprocessed"):
+        shutil.copytree(multi_dataset["root"] / key, root / key)
+    (root / "results").mkdir()
+    name = multi_dataset["dataset_name"]
+    for folder in (root / "raw" / name, root / "preprocessed" / name):
+        dataset_json = json.loads((folder / "dataset.json").read_text())
+        dataset_json["labels"] = {"background": 0, "whole": [1, 2], "core": 2}
+        dataset_json["regions_class_order"] = [1, 2]
+        (folder / "dataset.json").write_text(json.dumps(dataset_json))
+    env = training_environment(multi_dataset["env"])
+    env.update({"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "preprocessed"),
+                "nnUNet_results": str(root / "results")})
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer", "nnUNet_n_proc_DA"):
+        monkeypatch.setenv(key, env[key])
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    trainer = get_trainer_from_args("991", "3d_fullres", "all", "nnUNetTrainerSASSNet_smoke", SMALL_PLANS,
+                                    device=torch.device("cpu"))
+    trainer.discriminator_features = 16
+    trainer.on_train_start()
+    assert trainer.label_manager.has_regions and trainer.num_sdm_channels == 2
+    batch = next(trainer.dataloader_train)
+    regions = batch["target"][0]  # (N, 2, ...) binary region masks after nnU-Net's region conversion
+    assert regions.shape[1] == 2
+    targets = trainer.sdm_targets(regions)
+    for i in range(regions.shape[0]):
+        for r in range(2):
+            expected = signed_distance_map(regions[i, r].numpy() > 0)
+            assert torch.equal(targets[i, r], torch.from_numpy(expected))
+    out = trainer.train_step(batch)
+    assert np.isfinite(out["loss"]) and np.isfinite(out["gen_loss"])
+    assert trainer._plain_discriminator().sdm_conv.weight.shape[1] == 2
