@@ -1,0 +1,173 @@
+"""Wall time and peak memory of ``nnunet_sassnet_demo``, measured from outside, as a user experiences it.
+
+    python benchmarks/demo_resources.py [--workdir DIR] [-- DEMO ARGS...]
+
+Runs the demo as a subprocess and samples its whole process tree (nnU-Net's tools and their worker
+processes included) every 0.2 s. Reports the peak of the summed resident memory (RSS), the peak held for at
+least a second, and the peak of the summed proportional set size (PSS: shared pages split among the
+processes that share them, so forked and spawned workers are not counted twice). Uses psutil when it is
+installed, else Linux's /proc. Prints one JSON line with these, the wall time, the demo's mean Dice (from
+its report.json), the CPU count and the load average before and after the run: other work on the machine
+slows the demo down a lot (two processes spinning on two cores), so measure on an otherwise idle machine.
+Memory is reported in GiB.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+SAMPLE_SECONDS = 0.2
+HAS_PSUTIL = importlib.util.find_spec("psutil") is not None
+
+
+def _descendants(root_pid: int) -> list[int]:
+    """``root_pid`` and all its descendants, from the parent ids in /proc/<pid>/stat."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                # the command name (field 2) may hold spaces and parentheses: split after its last ")"
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    pids, stack = [], [root_pid]
+    while stack:
+        pid = stack.pop()
+        pids.append(pid)
+        stack.extend(children.get(pid, []))
+    return pids
+
+
+def _memory(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) of one process in bytes; (0, 0) if it ended. PSS splits shared pages among their users."""
+    rss = pss = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Rss:"):
+                    rss = int(line.split()[1]) * 1024
+                elif line.startswith("Pss:"):
+                    pss = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return rss, pss
+
+
+def _memory_psutil(pid: int) -> tuple[int, int]:
+    import psutil
+
+    try:
+        info = psutil.Process(pid).memory_full_info()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return 0, 0
+    return info.rss, getattr(info, "pss", 0)
+
+
+def tree_memory(root_pid: int) -> tuple[int, int, int]:
+    """Summed RSS, summed PSS (bytes) and number of processes of ``root_pid`` and its descendants."""
+    if HAS_PSUTIL:
+        import psutil
+
+        try:
+            root = psutil.Process(root_pid)
+            pids = [root_pid, *(p.pid for p in root.children(recursive=True))]
+        except psutil.NoSuchProcess:
+            return 0, 0, 0
+        measure = _memory_psutil
+    else:
+        pids = _descendants(root_pid)
+        measure = _memory
+    rss = pss = 0
+    for pid in pids:
+        r, p = measure(pid)
+        rss += r
+        pss += p
+    return rss, pss, len(pids)
+
+
+def sustained_peak(samples: list[tuple[float, int]], window_s: float) -> int:
+    """The highest value held for at least ``window_s`` seconds: the maximum over windows of their minimum.
+
+    Separates a lasting peak from a burst such as a pool of copy-on-write forks that lives a fraction of a
+    second (their RSS counts the parent's pages again, their memory hardly exists).
+    """
+    best = 0
+    for i, (t0, _) in enumerate(samples):
+        j, lowest = i, None
+        while j < len(samples) and samples[j][0] - t0 <= window_s:
+            lowest = samples[j][1] if lowest is None else min(lowest, samples[j][1])
+            j += 1
+        if j < len(samples) and lowest is not None:  # a complete window
+            best = max(best, lowest)
+    return best
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="the demo's work folder (default: a new temporary folder, kept afterwards)")
+    parser.add_argument("demo_args", nargs="*", help="further arguments for nnunet_sassnet_demo (after --)")
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="nnunet_sassnet_demo_bench_")) / "demo"
+    load_before = os.getloadavg()
+    command = ["nnunet_sassnet_demo", "--workdir", str(workdir), *args.demo_args]
+    print("running: " + " ".join(command), file=sys.stderr, flush=True)
+
+    start = time.perf_counter()
+    process = subprocess.Popen(command)
+    samples: list[tuple[float, int, int, int]] = []  # (seconds, RSS, PSS, processes)
+
+    def sample() -> None:
+        while process.poll() is None:
+            samples.append((time.perf_counter() - start, *tree_memory(process.pid)))
+            time.sleep(SAMPLE_SECONDS)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    returncode = process.wait()
+    wall = time.perf_counter() - start
+    sampler.join()
+    gib = 1024 ** 3
+    peak_rss = max((s[1] for s in samples), default=0)
+    peak_at = next((s[0] for s in samples if s[1] == peak_rss), None)
+
+    dice = None
+    report = workdir / "report.json"
+    if returncode == 0 and report.is_file():
+        dice = json.loads(report.read_text())["mean"]["dice"]
+    result = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join(command),
+        "exit_code": returncode,
+        "wall_s": round(wall, 1),
+        "peak_tree_rss_gib": round(peak_rss / gib, 2),
+        "peak_tree_rss_at_s": None if peak_at is None else round(peak_at, 1),
+        "peak_tree_rss_held_1s_gib": round(sustained_peak([(s[0], s[1]) for s in samples], 1.0) / gib, 2),
+        "peak_tree_pss_gib": round(max((s[2] for s in samples), default=0) / gib, 2),
+        "peak_processes": max((s[3] for s in samples), default=0),
+        "mean_dice": None if dice is None else round(dice, 4),
+        "cpus": os.cpu_count(),
+        "load_average_before": [round(v, 2) for v in load_before],
+        "load_average_after": [round(v, 2) for v in os.getloadavg()],
+        "machine": platform.machine(),
+        "memory_sampler": "psutil" if HAS_PSUTIL else "/proc",
+    }
+    print(json.dumps(result))
+    return returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from nnunet_sassnet.demo import main
+
+sys.exit(main())
