@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -132,7 +131,3 @@ class SDMDiscriminator(nn.Module):
         x = x.flatten(2).mean(2)
         return self.classifier(x).squeeze(1)
 
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return int(np.sum([p.numel() for p in module.parameters() if p.requires_grad]))
