@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,13 +22,23 @@ ENTRY_POINTS = {
 }
 
 
+def python_tool(module: str, function: str, argv: Sequence[str]) -> list[str]:
+    """A command line that runs an entry function of an installed tool with this interpreter.
+
+    nnU-Net's console scripts are not on PATH where it is installed with ``pip --target``; its entry functions
+    read ``sys.argv`` like the scripts do.
+    """
+    code = (f"import sys; sys.argv = {[function, *map(str, argv)]!r}; from {module} import {function} as f; "
+            f"r = f(); sys.exit(r if isinstance(r, int) else 0)")
+    return [sys.executable, "-c", code]
+
+
 def nnunet_tool(tool: str, args: list[str], env: dict, log_file: Path) -> None:
     """Run an nnU-Net command-line tool through its entry function; raise with the log's tail on failure."""
     module, func = ENTRY_POINTS[tool].split(":")
-    code = f"import sys; from {module} import {func} as f; sys.argv = {[tool, *args]!r}; sys.exit(f())"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "w") as log:
-        result = subprocess.run([sys.executable, "-c", code], env=env, stdout=log, stderr=subprocess.STDOUT)
+        result = subprocess.run(python_tool(module, func, args), env=env, stdout=log, stderr=subprocess.STDOUT)
     if result.returncode != 0:
         tail = log_file.read_text()[-3000:]
         raise RuntimeError(f"{tool} {' '.join(args)} failed (exit {result.returncode}); log {log_file}:\n{tail}")

@@ -62,6 +62,8 @@ if str(REPO) not in sys.path:
 
 from nnunet_sassnet.errors import UserInputError, run_cli  # noqa: E402
 
+from bench_common import python_tool  # noqa: E402  (this script's folder is on sys.path)
+
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "la2018_uamt_lite_1.25mm"
 CONFIGURATION = "3d_fullres"
 BASELINE = "nnUNetTrainer"
@@ -504,17 +506,6 @@ def write_trainer_module(s: Settings, folder: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ running
-
-def python_tool(module: str, function: str, argv: Sequence[str]) -> list[str]:
-    """A command line that runs an entry function of an installed tool with this interpreter.
-
-    nnU-Net's console scripts are not on PATH where it is installed with ``pip --target``; its entry functions
-    read ``sys.argv`` like the scripts do.
-    """
-    code = (f"import sys; sys.argv = {[function, *map(str, argv)]!r}; from {module} import {function} as f; "
-            f"r = f(); sys.exit(r if isinstance(r, int) else 0)")
-    return [sys.executable, "-c", code]
-
 
 @dataclass
 class StepResult:
