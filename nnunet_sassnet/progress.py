@@ -13,12 +13,18 @@ LOSS_CURVES = {
     "sdm_losses": "SDM (MSE)",
     "gen_losses": "generator (-log D)",
     "disc_losses": "discriminator (BCE)",
+    "unlabeled_losses": "unlabeled term",
 }
 ACCURACY_CURVES = {
     "disc_acc_labeled": "D accuracy, labeled",
     "disc_acc_unlabeled": "D accuracy, unlabeled",
 }
 BETA_KEY = "adversarial_weights"
+#: weight curves of the unlabeled term: SASSNet's beta(t), or the generic one of other trainers
+WEIGHT_CURVES = {BETA_KEY: "adversarial weight beta(t)", "unlabeled_weights": "unlabeled weight"}
+#: ||grad of the weighted unlabeled term|| / ||grad of the supervised loss|| (measured on a few steps per epoch)
+GRADIENT_RATIO_CURVES = {"adv_grad_ratios": "adversarial / supervised gradient norm",
+                         "unlabeled_grad_ratios": "unlabeled / supervised gradient norm"}
 SKIPPED_CURVES = {
     "skipped_steps_network": "skipped steps (non-finite loss), network",
     "skipped_steps_discriminator": "skipped steps, discriminator",
@@ -66,7 +72,7 @@ class SASSNetLocalLogger(LocalLogger):
         epochs = min(len(v) for v in logs.values())
         x = list(range(epochs))
         dpi = 100  # nnU-Net draws 30 x 18 inch panels at 100 dpi; these match them
-        fig, (ax_loss, ax_acc) = plt.subplots(2, 1, figsize=(width_px / dpi, 36), dpi=dpi)
+        fig, (ax_loss, ax_acc, ax_ratio) = plt.subplots(3, 1, figsize=(width_px / dpi, 54), dpi=dpi)
         for key, label in LOSS_CURVES.items():
             if key in logs:
                 ax_loss.plot(x, logs[key][:epochs], label=label, linewidth=4)
@@ -88,13 +94,21 @@ class SASSNetLocalLogger(LocalLogger):
             ax_acc.set_ylim(-0.02, 1.02)
         ax_acc.set_xlabel("epoch")
         ax_acc.set_ylabel("discriminator accuracy")
-        if BETA_KEY in logs:
-            ax_beta = ax_acc.twinx()
-            ax_beta.plot(x, logs[BETA_KEY][:epochs], color="k", ls="--", label="adversarial weight beta(t)",
-                         linewidth=3)
-            ax_beta.set_ylabel("beta(t)")
-            ax_beta.legend(loc=(0.6, 1))
+        weights = [k for k in WEIGHT_CURVES if k in logs]
+        if weights:
+            ax_weight = ax_acc.twinx()
+            for key in weights:
+                ax_weight.plot(x, logs[key][:epochs], color="k", ls="--", label=WEIGHT_CURVES[key], linewidth=3)
+            ax_weight.set_ylabel("weight of the unlabeled term")
+            ax_weight.legend(loc=(0.6, 1))
         ax_acc.legend(loc=(0, 1), ncol=2)
+        for key, label in GRADIENT_RATIO_CURVES.items():
+            values = np.asarray(logs.get(key, [])[:epochs], dtype=float)
+            if values.size and np.isfinite(values).any() and (values[np.isfinite(values)] > 0).any():
+                ax_ratio.semilogy(x[:values.size], values, label=label, linewidth=4)
+                ax_ratio.legend(loc=(0, 1))
+        ax_ratio.set_xlabel("epoch")
+        ax_ratio.set_ylabel("gradient norm ratio (log)")
         fig.tight_layout()
         fig.canvas.draw()
         image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()

@@ -100,5 +100,5 @@ def test_region_based_dataset_gets_one_sdm_per_region(multi_dataset, tmp_path, m
             expected = signed_distance_map(regions[i, r].numpy() > 0)
             assert torch.equal(targets[i, r], torch.from_numpy(expected))
     out = trainer.train_step(batch)
-    assert np.isfinite(out["loss"]) and np.isfinite(out["gen_loss"])
+    assert np.isfinite(out["loss"]) and np.isfinite(out["unlabeled_loss"])
     assert trainer._plain_discriminator().sdm_conv.weight.shape[1] == 2

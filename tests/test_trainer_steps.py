@@ -60,18 +60,20 @@ def test_unlabeled_batch_reaches_discriminator_and_generator_but_no_supervised_l
     num_unlabeled = unlabeled["data"].shape[0]
     assert num_unlabeled == num_labeled == 2
 
-    # the generator pass sees exactly the unlabeled images, the discriminator update labeled + unlabeled
+    # the generator pass sees exactly the unlabeled images; the discriminator update the labeled patch that
+    # nnU-Net cropped at random (batch 2, 33 % oversampling: the first) + the unlabeled ones
     (gen_sdm, gen_images), (disc_sdm, disc_images) = d_inputs
+    assert trainer.discriminator_labeled_indices == slice(0, 1)
     assert torch.equal(gen_images, unlabeled["data"])
-    assert torch.equal(disc_images[num_labeled:], unlabeled["data"])
-    assert torch.equal(disc_images[:num_labeled], batch["data"])
-    assert torch.allclose(disc_sdm[num_labeled:], gen_sdm)  # the same predictions, detached (one forward)
+    assert torch.equal(disc_images[1:], unlabeled["data"])
+    assert torch.equal(disc_images[:1], batch["data"][:1])
+    assert torch.allclose(disc_sdm[1:], gen_sdm)  # the same predictions, detached (one forward)
     assert gen_sdm.shape == (num_unlabeled, 1, 16, 16, 16) and gen_sdm.abs().max() <= 1
     # the supervised loss only ever saw the labeled patches' targets
     assert loss_targets == [[num_labeled] * len(loss_targets[0])]
-    for key in ("loss", "seg_loss", "sdm_loss", "gen_loss", "disc_loss"):
+    for key in ("loss", "seg_loss", "sdm_loss", "unlabeled_loss", "disc_loss"):
         assert np.isfinite(out[key]), key
-    assert out["adversarial_weight"] == pytest.approx(0.001 * gaussian_rampup(0, 6))
+    assert out["unlabeled_weight"] == pytest.approx(0.015 * gaussian_rampup(0, 6))
     assert trainer.current_iteration == 1
 
 
@@ -185,8 +187,9 @@ def test_non_finite_losses_skip_updates_and_stop_the_run(started_trainer):
     assert all(torch.isfinite(v).all() for v in saved["network_weights"].values() if v.is_floating_point())
 
     outputs = [{"loss": np.float32(1), "seg_loss": np.float32(1), "sdm_loss": np.float32(1),
-                "gen_loss": np.float32(1), "disc_loss": np.float32(1), "disc_acc_labeled": np.float32(1),
-                "disc_acc_unlabeled": np.float32(0), "adversarial_weight": 0.001,
+                "unlabeled_loss": np.float32(1), "disc_loss": np.float32(1), "disc_acc_labeled": np.float32(1),
+                "disc_acc_unlabeled": np.float32(0), "unlabeled_weight": 0.001,
+                "unlabeled_grad_ratio": np.float32("nan"),
                 "skipped_network": np.float32(s), "skipped_discriminator": np.float32(0)} for s in (1, 0, 1)]
     trainer.on_train_epoch_end(outputs)
     assert trainer.logger.get_value("skipped_steps_network", step=-1) == 2
@@ -226,3 +229,79 @@ def test_one_unet_forward_per_step(started_trainer):
     trainer.train_step(next(trainer.dataloader_train))
     hook.remove()
     assert len(calls) == 1  # the discriminator's update reuses the step's detached predictions
+
+
+def test_discriminator_is_in_eval_mode_for_the_generator_term_and_in_train_mode_for_its_update(started_trainer):
+    trainer = started_trainer
+    modes = []
+    d = trainer._plain_discriminator()
+    hook = d.register_forward_hook(lambda module, args, out: modes.append(module.training))
+    trainer.train_step(next(trainer.dataloader_train))
+    hook.remove()
+    assert modes == [False, True]  # published code: D.eval() for the generator term, D.train() for D's step
+    assert d.training and all(p.requires_grad for p in d.parameters())
+
+
+def test_generator_term_reaches_the_network_and_its_gradient_ratio_is_logged(started_trainer):
+    trainer = started_trainer
+    assert trainer._probe_this_step()  # the first steps of an epoch are probed
+    out = trainer.train_step(next(trainer.dataloader_train))
+    assert np.isfinite(out["unlabeled_grad_ratio"]) and out["unlabeled_grad_ratio"] > 0
+
+    # the ratio is the weighted generator gradient over the supervised one: linear in the weight
+    batch, unlabeled = next(trainer.dataloader_train), next(trainer.dataloader_unlabeled)
+    data = torch.cat((batch["data"], unlabeled["data"]))
+    with trainer.unlabeled_term_context():
+        seg, sdm = trainer.network(data, return_sdm=True)
+        supervised = trainer.supervised_loss(trainer.supervised_losses(seg, sdm, batch["target"], 2))
+        gen, _ = trainer.unlabeled_loss(seg, sdm, data, 2)
+        small, large = trainer.gradient_ratio(supervised, 0.001 * gen), trainer.gradient_ratio(supervised, 0.015 * gen)
+    assert float(small) > 0 and float(large) == pytest.approx(15 * float(small), rel=1e-4)
+
+    trainer.current_iteration = trainer.gradient_probe_steps_per_epoch  # later steps of the epoch: not probed
+    assert np.isnan(trainer.train_step(next(trainer.dataloader_train))["unlabeled_grad_ratio"])
+
+
+def test_discriminator_sees_labeled_and_unlabeled_patches_drawn_alike(started_trainer, tmp_path):
+    """On the real loaders: the labeled patches D sees are centred on foreground as often as unlabeled ones."""
+    import shutil
+
+    trainer = started_trainer
+    # unlabeled cases whose labels are known: the labeled cases themselves, through the unlabeled loader
+    labeled_folder = trainer.preprocessed_dataset_folder
+    for name in __import__("os").listdir(labeled_folder):
+        shutil.copy(f"{labeled_folder}/{name}", tmp_path / name)
+    trainer.unlabeled_preprocessed_folder = str(tmp_path)
+    unlabeled_loader = trainer._unlabeled_dataloader()
+
+    def centre_is_foreground(target) -> np.ndarray:
+        full_res = target[0] if isinstance(target, list) else target
+        centre = tuple(s // 2 for s in full_res.shape[2:])
+        return (full_res[(slice(None), 0, *centre)] > 0).numpy()
+
+    np.random.seed(0)  # nnU-Net's loader and augmentation draw from numpy (in-process here): a fixed draw
+    seen_by_d, oversampled, unlabeled = [], [], []
+    d_patches = trainer.discriminator_labeled_indices
+    for _ in range(120):
+        labeled = centre_is_foreground(next(trainer.dataloader_train)["target"])
+        seen_by_d.extend(labeled[d_patches])
+        oversampled.extend(np.delete(labeled, np.arange(labeled.size)[d_patches]))
+        unlabeled.extend(centre_is_foreground(next(unlabeled_loader)["target"]))
+    seen_by_d, oversampled, unlabeled = (np.mean(v) for v in (seen_by_d, oversampled, unlabeled))
+    # binomial standard errors at 120-240 draws are below 0.05
+    assert abs(seen_by_d - unlabeled) < 0.15, (seen_by_d, unlabeled)
+    # the check is sensitive: nnU-Net's foreground-centred patches (what D also saw before) differ clearly
+    assert oversampled > 0.75 and oversampled - unlabeled > 0.25, (oversampled, unlabeled)
+
+
+def test_random_patch_indices_follow_nnunets_loader():
+    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+
+    from nnunet_sassnet.trainers import random_patch_indices
+
+    for batch_size in (1, 2, 3, 4, 5, 8):
+        for percent in (0.0, 0.33, 0.5, 1.0):
+            rule = nnUNetDataLoader._oversample_last_XX_percent
+            state = type("Loader", (), {"batch_size": batch_size, "oversample_foreground_percent": percent})()
+            expected = [i for i in range(batch_size) if not rule(state, i)]
+            assert random_patch_indices(batch_size, percent) == expected

@@ -1,0 +1,13 @@
+"""nnU-Net trainers of this package; each module holds one trainer (or its shared base).
+
+* :class:`nnUNetTrainerSDM` (``sdm_trainer``): nnU-Net + SDM head + ``alpha * MSE(SDM)``, labeled patches only.
+* :class:`nnUNetTrainerSemiSupervised` (``semisupervised``): the shared labeled + unlabeled step.
+* :class:`nnUNetTrainerSASSNet` (``sassnet``): SASSNet's adversarial shape constraint.
+"""
+from nnunet_sassnet.trainers.sassnet import nnUNetTrainerSASSNet, random_patch_indices
+from nnunet_sassnet.trainers.sdm_trainer import NonFiniteLossError, nnUNetTrainerSDM, sdm_channel_slice
+from nnunet_sassnet.trainers.semisupervised import CHECKPOINT_KEY, gaussian_rampup, nnUNetTrainerSemiSupervised
+from nnunet_sassnet.trainers.variant_factory import trainer_variant
+
+__all__ = ["nnUNetTrainerSDM", "nnUNetTrainerSemiSupervised", "nnUNetTrainerSASSNet", "NonFiniteLossError",
+           "gaussian_rampup", "trainer_variant", "sdm_channel_slice", "random_patch_indices", "CHECKPOINT_KEY"]

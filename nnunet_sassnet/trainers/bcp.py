@@ -1,0 +1,236 @@
+"""Bidirectional copy-paste (BCP, Bai et al., CVPR 2023) inside nnU-Net.
+
+Each step pairs labeled patch ``i`` with unlabeled patch ``i`` and cuts one random cuboid (``copy_paste_size`` of
+every axis, BCP: 2/3) at the same place in all of them:
+
+* the first half of the pairs ("in"): the unlabeled patch's cuboid is pasted into the labeled patch;
+* the other half ("out"): the labeled patch's cuboid is pasted into the unlabeled patch.
+
+The student sees only these mixed patches. Their target is the label where a voxel comes from a labeled patch
+and the EMA teacher's pseudo-label (computed on the unmixed unlabeled patch) where it comes from an unlabeled one.
+The loss is nnU-Net's own (Dice+CE, or Dice+BCE for regions, with deep supervision) on each part, the other part
+masked out through nnU-Net's ignore-label code path: ``L(labeled part) + w * L(pseudo-labeled part)`` (BCP: w =
+0.5, constant). Pseudo-labels are the teacher's argmax (regions: sigmoid > 0.5 per region), optionally reduced to
+the largest connected component of each class, as the published code does for LA.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
+from scipy import ndimage
+from torch import nn
+
+from nnunet_sassnet.errors import UserInputError
+from nnunet_sassnet.trainers.mean_teacher import full_resolution, nnUNetTrainerEMATeacher
+
+__all__ = ["nnUNetTrainerBCP", "cuboid_mask", "bidirectional_sources", "mix", "pseudo_labels",
+           "largest_component_per_class", "part_target"]
+
+
+def cuboid_mask(spatial_shape: tuple[int, ...], size: float, generator: torch.Generator | None = None,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """A bool mask of ``spatial_shape``, True inside one cuboid of ``int(size * s)`` (at least 1) voxels per axis.
+
+    The cuboid lies at a uniformly random position entirely inside the patch.
+    """
+    mask = torch.zeros(spatial_shape, dtype=torch.bool, device=device)
+    region = []
+    for s in spatial_shape:
+        length = min(s, max(1, int(s * size)))
+        start = int(torch.randint(0, s - length + 1, (1,), generator=generator))
+        region.append(slice(start, start + length))
+    mask[tuple(region)] = True
+    return mask
+
+
+def bidirectional_sources(inside: torch.Tensor, num_pairs: int) -> torch.Tensor:
+    """Which voxels of each mixed patch come from the labeled patch: (num_pairs, 1, *spatial), bool.
+
+    Pairs ``0 .. ceil(n/2) - 1`` are "in" (labeled outside the cuboid), the others "out" (labeled inside it), as
+    the published code splits its labeled and unlabeled batches into halves a and b.
+    """
+    num_in = math.ceil(num_pairs / 2)
+    sources = inside.unsqueeze(0).repeat(num_pairs, *([1] * inside.ndim))
+    sources[:num_in] = ~sources[:num_in]
+    return sources.unsqueeze(1)
+
+
+def mix(labeled: torch.Tensor, unlabeled: torch.Tensor, from_labeled: torch.Tensor) -> torch.Tensor:
+    """Copy-paste: ``labeled`` where ``from_labeled`` (broadcast over channels), ``unlabeled`` elsewhere."""
+    return torch.where(from_labeled, labeled, unlabeled)
+
+
+def largest_component_per_class(labels: np.ndarray, classes: list[int]) -> np.ndarray:
+    """Keep, per class in ``classes``, only its largest 26-connected (8 in 2D) component; the rest becomes 0."""
+    out = labels.copy()
+    structure = np.ones((3,) * labels.ndim, dtype=bool)
+    for c in classes:
+        components, count = ndimage.label(labels == c, structure=structure)
+        if count > 1:
+            sizes = np.bincount(components.ravel())
+            sizes[0] = 0
+            out[(components != 0) & (components != sizes.argmax())] = 0
+    return out
+
+
+def pseudo_labels(logits: torch.Tensor, has_regions: bool, largest_component: bool = False) -> torch.Tensor:
+    """Hard pseudo-labels in nnU-Net's target layout from full-resolution logits (N, C, ...).
+
+    Labels: the argmax, (N, 1, ...). Regions: sigmoid > 0.5 per region, (N, R, ...). ``largest_component`` keeps
+    the largest connected component of each foreground class (each region) per patch, on the CPU.
+    """
+    if has_regions:
+        hard = (logits > 0).to(torch.float32)  # sigmoid(x) > 0.5 <=> x > 0
+    else:
+        hard = logits.argmax(1, keepdim=True).to(torch.float32)
+    if not largest_component:
+        return hard
+    array = hard.cpu().numpy()
+    for i in range(array.shape[0]):
+        if has_regions:
+            for r in range(array.shape[1]):
+                array[i, r] = largest_component_per_class(array[i, r], [1])
+        else:
+            array[i, 0] = largest_component_per_class(array[i, 0], list(range(1, logits.shape[1])))
+    return torch.from_numpy(array).to(logits.device)
+
+
+def part_target(target: torch.Tensor, keep: torch.Tensor, has_regions: bool, ignore_value: int) -> torch.Tensor:
+    """``target`` restricted to the voxels where ``keep`` (N, 1, ...) is True, in nnU-Net's ignore layout.
+
+    Labels (N, 1, ...): the other voxels get ``ignore_value``. Regions (N, R, ...): a last channel is appended
+    that is 1 where a voxel is ignored (what nnU-Net's ``DC_and_BCE_loss(use_ignore_label=True)`` reads).
+    """
+    if has_regions:
+        return torch.cat((target, (~keep).to(target.dtype)), dim=1)
+    return torch.where(keep, target, torch.full_like(target, ignore_value))
+
+
+class nnUNetTrainerBCP(nnUNetTrainerEMATeacher):
+    """Bidirectional copy-paste with an EMA teacher's pseudo-labels (BCP's self-training stage).
+
+    BCP's separate pre-training stage (labeled patches only) maps to nnU-Net's ``-pretrained_weights``: train
+    nnUNetTrainer (or nnUNetTrainerSDM) first and start this trainer from its checkpoint; the teacher starts as
+    a copy of the loaded student.
+    """
+
+    #: edge of the pasted cuboid as a fraction of each patch axis (BCP: 2/3)
+    copy_paste_size: float = 2 / 3
+    #: weight w of the pseudo-labeled voxels' loss, constant (BCP: 0.5; the labeled voxels' loss has weight 1)
+    pseudo_label_weight: float = 0.5
+    #: keep only the largest connected component of each class of the pseudo-labels (BCP's code for LA: yes)
+    pseudo_label_largest_component: bool = True
+    #: BCP's teacher: a fixed decay 0.99 from the start (no UA-MT warm-up)
+    teacher_ema_warmup: bool = False
+    #: the SDM head's loss on the mixed patches (target: the SDM of the mixed label map); BCP has no SDM head
+    sdm_loss_weight: float = 0.0
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if not 0 < self.copy_paste_size < 1:
+            raise UserInputError(f"{self.__class__.__name__}: copy_paste_size must be between 0 and 1 (a fraction "
+                                 f"of each patch axis), got {self.copy_paste_size}; set it in your trainer class")
+        self.masked_loss: nn.Module | None = None
+        self.ds_downsampling: DownsampleSegForDSTransform | None = None
+
+    def initialize(self):
+        super().initialize()
+        unlabeled = self.unlabeled_batch_size or self.batch_size
+        if unlabeled != self.batch_size or self.batch_size < 2:
+            raise UserInputError(
+                f"{self.__class__.__name__}: BCP pairs each labeled patch with one unlabeled patch and needs at least "
+                f"one pair per direction, so it needs batch size >= 2 and unlabeled_batch_size equal to it (got "
+                f"{self.batch_size} and {unlabeled}); set unlabeled_batch_size = None in your trainer class or use "
+                f"plans with a batch size >= 2 per GPU")
+        self.ignore_value = self.label_manager.num_segmentation_heads  # one past the last label
+        self.masked_loss = self._build_masked_loss()
+        scales = self._get_deep_supervision_scales()
+        self.ds_downsampling = DownsampleSegForDSTransform(scales) if scales is not None else None
+
+    def _build_masked_loss(self) -> nn.Module:
+        """nnU-Net's own loss (same terms, deep-supervision weights, compile and DDP settings) with an ignore label.
+
+        Built by nnU-Net's ``_build_loss`` under a label manager that declares ``ignore_value`` as the ignore label
+        (regions: an ignore channel), so the masked parts of a mixed patch take nnU-Net's own ignore code path.
+        """
+        original = self.label_manager
+        masked = copy.copy(original)
+        masked._ignore_label = self.ignore_value
+        self.label_manager = masked
+        try:
+            return self._build_loss()
+        finally:
+            self.label_manager = original
+
+    def unlabeled_weight(self, iteration: int) -> float:
+        """BCP weighs the pseudo-labeled voxels with a constant (its code computes a ramp but does not use it)."""
+        return self.pseudo_label_weight
+
+    def unlabeled_loss(self, seg_output, sdm_output, data, num_labeled):
+        raise NotImplementedError("BCP's loss is on mixed patches: see nnUNetTrainerBCP.train_step")
+
+    # ---- the mixed batch ----------------------------------------------------------------------------------
+    def deep_supervision_targets(self, target: torch.Tensor):
+        """Full-resolution targets (N, C, ...) -> nnU-Net's target list, downsampled by nnU-Net's own transform."""
+        if self.ds_downsampling is None:
+            return target
+        per_patch = [self.ds_downsampling(segmentation=t)["segmentation"] for t in target]
+        return [torch.stack([p[s] for p in per_patch]) for s in range(len(per_patch[0]))]
+
+    def mixed_batch(self, data_labeled: torch.Tensor, target_labeled: torch.Tensor, data_unlabeled: torch.Tensor,
+                    pseudo: torch.Tensor, inside: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The mixed images, their full-resolution label map and the two parts' targets (full resolution)."""
+        from_labeled = bidirectional_sources(inside, data_labeled.shape[0])
+        has_regions = self.label_manager.has_regions
+        target = mix(target_labeled.to(pseudo.dtype), pseudo, from_labeled)
+        return {"data": mix(data_labeled, data_unlabeled, from_labeled), "target": target,
+                "from_labeled": from_labeled,
+                "labeled_part": part_target(target, from_labeled, has_regions, self.ignore_value),
+                "pseudo_part": part_target(target, ~from_labeled, has_regions, self.ignore_value)}
+
+    def mixed_losses(self, seg_output, sdm_output: torch.Tensor, mixed: dict[str, torch.Tensor]
+                     ) -> dict[str, torch.Tensor]:
+        """nnU-Net's loss on the labeled and on the pseudo-labeled voxels of the mixed patches, and the SDM loss."""
+        labeled = self.masked_loss(seg_output, self.deep_supervision_targets(mixed["labeled_part"]))
+        pseudo = self.masked_loss(seg_output, self.deep_supervision_targets(mixed["pseudo_part"]))
+        if self.sdm_loss_weight > 0:
+            sdm = F.mse_loss(sdm_output[:, self.sdm_channels].float(), self.sdm_targets(mixed["target"]))
+        else:
+            # the head stays in the graph with a zero gradient: DDP requires every parameter to take part
+            sdm = sdm_output.float().sum() * 0.0
+        return {"seg_loss": labeled, "unlabeled_loss": pseudo, "sdm_loss": sdm}
+
+    def train_step(self, batch: dict) -> dict:
+        unlabeled = next(self.dataloader_unlabeled)
+        data_labeled = self._to_device(batch["data"])
+        target_labeled = full_resolution(self._to_device(batch["target"]))
+        data_unlabeled = self._to_device(unlabeled["data"])
+        weight = self.unlabeled_weight(self.current_iteration)
+
+        pseudo = pseudo_labels(self.teacher_logits(data_unlabeled), self.label_manager.has_regions,
+                               self.pseudo_label_largest_component)
+        inside = cuboid_mask(tuple(data_labeled.shape[2:]), self.copy_paste_size, device=self.device)
+        mixed = self.mixed_batch(data_labeled, target_labeled, data_unlabeled, pseudo, inside)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            seg, sdm = self.network(mixed["data"], return_sdm=True)
+            losses = self.mixed_losses(seg, sdm, mixed)
+            supervised = losses["seg_loss"] + self.sdm_loss_weight * losses["sdm_loss"]
+            loss = supervised + weight * losses["unlabeled_loss"]
+        ratio = self.gradient_ratio(supervised, weight * losses["unlabeled_loss"]) if self._probe_this_step() \
+            else float("nan")
+        skipped = self.step_network(loss)
+
+        self.update_teacher()
+        self.current_iteration += 1
+        logged = self.to_host({"loss": loss, **losses, "unlabeled_grad_ratio": ratio, "skipped_network": skipped,
+                               **self.skip_counters(), "unlabeled_weight": weight})
+        self.check_skips(logged)
+        return logged
