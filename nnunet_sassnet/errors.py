@@ -13,6 +13,14 @@ class UserInputError(Exception):
         return " ".join(str(self).split())
 
 
+def short_reason(exc: BaseException, limit: int = 160) -> str:
+    """The last line of a library error's text, at most ``limit`` characters (ITK and HDF5 messages span
+    several lines), for the parenthesis of a :class:`UserInputError` message."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[-1] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def run_cli(main: Callable[[], int]) -> int:
     """Run a command's body; a :class:`UserInputError` becomes ``error: ...`` on stderr and exit code 2."""
     try:

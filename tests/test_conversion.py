@@ -14,15 +14,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_sassnet.conversion import convert_la2018, load_uamt_split, main
+from conftest import LA_H5 as H5_FULL
+from conftest import LA_LITE_H5 as H5_LITE
+from nnunet_sassnet.conversion import convert_la2018, load_uamt_split, main, read_case_list, read_split_json
 from nnunet_sassnet.errors import UserInputError
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-H5_FULL = DATA / "la2018_uamt_h5" / "2018LA_Seg_Training Set"
-H5_LITE = DATA / "la2018_uamt_lite_1.25mm" / "2018LA_Seg_Training Set"
-needs_full = pytest.mark.skipif(not H5_FULL.is_dir(), reason=f"real LA 2018 h5 scans not found at {H5_FULL}")
-needs_lite = pytest.mark.skipif(not H5_LITE.is_dir(), reason=f"1.25 mm LA 2018 h5 scans not found at {H5_LITE}")
+needs_full = pytest.mark.needs_la_data(H5_FULL)
+needs_lite = pytest.mark.needs_la_data(H5_LITE)
 
 TRAIN, TEST = load_uamt_split()
 # the three smallest of the 12 full-resolution scans (the first 12 lines of train.list)
@@ -113,7 +112,8 @@ def test_uamt_split_with_a_subset_present(tmp_path: Path, raw: Path, capsys: pyt
     write_h5(src / "c" / "EXTRA_LABELED", *synthetic(seed=2))
     write_h5(src / "c" / "EXTRA_UNLABELED", synthetic(seed=3)[0], None)
 
-    out = Path(convert_la2018(str(src), 601, num_labeled=2, spacing=1.25, progress=False))
+    result = convert_la2018(str(src), 601, num_labeled=2, spacing=1.25, progress=False)
+    out = result.dataset
 
     assert out == raw / "Dataset601_LA2018"
     assert sorted(p.name for p in raw.iterdir()) == ["Dataset601_LA2018"]  # no temporary folder left
@@ -127,7 +127,9 @@ def test_uamt_split_with_a_subset_present(tmp_path: Path, raw: Path, capsys: pyt
     assert dataset["labels"] == {"background": 0, "left_atrium": 1}
     assert dataset["numTraining"] == 2 and dataset["file_ending"] == ".nii.gz"
 
-    summary = capsys.readouterr().out
+    assert capsys.readouterr().out == ""  # the library returns its summary and prints nothing
+    summary = result.summary
+    assert summary.startswith(f"LA 2018 -> {out}\n")
     assert "imagesTr + labelsTr : 2" in summary and "imagesUnlabeled     : 3" in summary
     assert "imagesTs            : 3 (2 with labelsTs)" in summary
     assert "train.list entries missing from the input: 75" in summary
@@ -159,7 +161,7 @@ def test_real_full_resolution_scans_keep_float32(tmp_path: Path, raw: Path) -> N
     src = tmp_path / "in"
     for case_id in SMALL_FULL:
         link_h5(H5_FULL, case_id, src / "2018LA_Seg_Training Set")
-    out = Path(convert_la2018(str(src), 601, split="none", progress=False))
+    out = convert_la2018(str(src), 601, split="none", progress=False).dataset
 
     assert case_ids(out / "imagesTr", "_0000") == set(SMALL_FULL)
     assert not any((out / "imagesUnlabeled").iterdir()) and not any((out / "imagesTs").iterdir())
@@ -189,7 +191,7 @@ def test_challenge_layout_keeps_header_geometry(tmp_path: Path, raw: Path) -> No
         write_nrrd_case(src / depth / case_id, image, mask, spacing, origin, direction)
         sources[case_id] = (image, label)
 
-    out = Path(convert_la2018(str(src), 602, name="LAnrrd", split="none", progress=False))
+    out = convert_la2018(str(src), 602, name="LAnrrd", split="none", progress=False).dataset
 
     assert out.name == "Dataset602_LAnrrd"
     assert case_ids(out / "imagesTr", "_0000") == case_ids(out / "labelsTr") == {TRAIN[0], TRAIN[1]}
@@ -219,13 +221,15 @@ def test_split_json(tmp_path: Path, raw: Path, capsys: pytest.CaptureFixture) ->
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"labeled": [TRAIN[3], TRAIN[0]], "unlabeled": [TRAIN[1]], "test": [TRAIN[4]]}))
 
-    out = Path(convert_la2018(str(src), 601, split=str(split), spacing=1.25, progress=False))
+    result = convert_la2018(str(src), 601, split=str(split), spacing=1.25, progress=False)
+    out = result.dataset
 
     assert case_ids(out / "imagesTr", "_0000") == case_ids(out / "labelsTr") == {TRAIN[0], TRAIN[3]}
     assert case_ids(out / "imagesUnlabeled", "_0000") == {TRAIN[1]}
     assert case_ids(out / "imagesTs", "_0000") == case_ids(out / "labelsTs") == {TRAIN[4]}
     assert TRAIN[2] not in {p.name.split("_")[0] for p in out.rglob("*.nii.gz")}
-    assert f"not in the split file, not converted: 1 ({TRAIN[2]})" in capsys.readouterr().out
+    assert f"not in the split file, not converted: 1 ({TRAIN[2]})" in result.summary
+    assert capsys.readouterr().out == ""
 
 
 @needs_lite
@@ -237,7 +241,7 @@ def test_overwrite_replaces_a_dataset_of_that_id_under_any_name(tmp_path: Path, 
     (old / "imagesTr").mkdir(parents=True)
     (old / "dataset.json").write_text("{}")
 
-    out = Path(convert_la2018(str(src), 601, num_labeled=1, spacing=1.25, overwrite=True, progress=False))
+    out = convert_la2018(str(src), 601, num_labeled=1, spacing=1.25, overwrite=True, progress=False).dataset
 
     assert sorted(p.name for p in raw.iterdir()) == ["Dataset601_LA2018"]
     assert case_ids(out / "imagesTr", "_0000") == {TRAIN[0]}
@@ -255,7 +259,7 @@ def test_output_passes_nnunet_integrity_check(tmp_path: Path, raw: Path) -> None
     for case_id in SMALL_FULL:
         link_h5(H5_FULL, case_id, src)
     write_h5(src / TEST[0], *synthetic(seed=4))
-    out = Path(convert_la2018(str(src), 601, num_labeled=2, progress=False))
+    out = convert_la2018(str(src), 601, num_labeled=2, progress=False).dataset
     assert any((out / "imagesUnlabeled").iterdir()) and any((out / "labelsTs").iterdir())
 
     script = textwrap.dedent("""
@@ -293,6 +297,9 @@ def test_cli_module_and_checkout_script(tmp_path: Path, raw: Path) -> None:
          "--spacing", "1.25"], env=_cli_env(raw), capture_output=True, text=True, timeout=120)
     assert module.returncode == 0, module.stderr
     assert "imagesTr + labelsTr : 2" in module.stdout and "Writing" in module.stderr  # summary and progress bar
+    # the command prints the summary before writing and the dataset folder when done
+    assert module.stdout.startswith("LA 2018 -> ")
+    assert module.stdout.endswith(f"Done: {(raw / 'Dataset601_LA2018').resolve()}\n")
     assert case_ids(raw / "Dataset601_LA2018" / "imagesUnlabeled", "_0000") == {TRAIN[2]}
 
     env = dict(os.environ, nnUNet_raw=str(raw))  # the script finds the package by itself
@@ -572,8 +579,8 @@ def test_missing_raw_folder_is_created_only_on_success(tmp_path: Path, capsys: p
     image, label = synthetic((40, 30, 20))
     write_nrrd_case(tmp_path / "in" / "A", image, label * 255)
     write_nrrd_case(tmp_path / "in" / "B", image, label * 255)
-    good = Path(convert_la2018(str(tmp_path / "in"), 601, split="none", raw_dir=str(tmp_path / "new_raw"),
-                               progress=False))
+    good = convert_la2018(str(tmp_path / "in"), 601, split="none", raw_dir=str(tmp_path / "new_raw"),
+                          progress=False).dataset
     assert case_ids(good / "labelsTr") == {"A", "B"}
 
     path = tmp_path / "in" / "B" / "lgemri.nrrd"
@@ -581,3 +588,35 @@ def test_missing_raw_folder_is_created_only_on_success(tmp_path: Path, capsys: p
     with pytest.raises(UserInputError, match="lgemri.nrrd: unreadable or truncated NRRD"):
         convert_la2018(str(tmp_path / "in"), 601, split="none", raw_dir=str(tmp_path / "other_raw"), progress=False)
     assert not (tmp_path / "other_raw").exists()
+
+
+# ---------------------------------------------------------------------------------------------- split files
+
+def test_case_list_keeps_file_order_and_refuses_bad_lists(tmp_path: Path) -> None:
+    good = tmp_path / "train.list"
+    good.write_text("  B2 \n\nA1\nC3")
+    assert read_case_list(good) == ["B2", "A1", "C3"]
+    assert TRAIN == read_case_list(REPO / "nnunet_sassnet" / "data" / "uamt_train.list") and len(TRAIN) == 80
+    assert len(TEST) == 20 and not set(TRAIN) & set(TEST)
+    twice, empty = tmp_path / "twice.list", tmp_path / "empty.list"
+    twice.write_text("A1\nB2\nA1\n")
+    empty.write_text("\n  \n")
+    for path, message in ((twice, "case A1 is listed twice"), (empty, "the case list is empty"),
+                          (tmp_path / "none.list", "cannot read the case list")):
+        with pytest.raises(UserInputError, match=message) as caught:
+            read_case_list(path)
+        assert str(caught.value).startswith(f"{path}: ")
+
+
+def test_split_json_has_every_key_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps({"test": ["C"], "labeled": ["A", "B"]}))
+    split = read_split_json(path)
+    assert split == {"labeled": ["A", "B"], "unlabeled": [], "test": ["C"]}
+    assert list(split) == ["labeled", "unlabeled", "test"]
+    path.write_text(json.dumps(["A"]))
+    with pytest.raises(UserInputError, match="expected a JSON object .* found list"):
+        read_split_json(path)
+    path.write_text(json.dumps({"labeled": ["A", ""]}))
+    with pytest.raises(UserInputError, match='"labeled" must be a list of case IDs'):
+        read_split_json(path)

@@ -16,12 +16,14 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
+from conftest import LA_H5
 from nnunet_sassnet import evaluation as ev
+from nnunet_sassnet.evaluation.scoring import score_label
+from nnunet_sassnet.evaluation.surface import cpu_count
 
 medpy_binary = pytest.importorskip("medpy.metric.binary")
 
 REPO = Path(__file__).resolve().parents[1]
-LA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "la2018_uamt_h5" / "2018LA_Seg_Training Set"
 # Case 0 and case 9 (the largest), case 6 touches the last slice: surfaces at the image border.
 LA_CASE_INDICES = (0, 6, 9)
 ANISO = (0.625, 0.625, 2.5)
@@ -30,9 +32,9 @@ PERTURBATIONS = ["erode", "dilate", "shift", "island"]
 
 
 def _la_case_dirs() -> list[Path]:
-    if not LA_DIR.is_dir():
+    if not LA_H5.is_dir():
         return []
-    return sorted(p for p in LA_DIR.iterdir() if (p / "mri_norm2.h5").is_file())
+    return sorted(p for p in LA_H5.iterdir() if (p / "mri_norm2.h5").is_file())
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,7 @@ def la_masks() -> dict[str, np.ndarray]:
     h5py = pytest.importorskip("h5py")
     dirs = _la_case_dirs()
     if len(dirs) <= max(LA_CASE_INDICES):
-        pytest.skip(f"real LA masks not found under {LA_DIR} (the shared data folder beside the repository)")
+        pytest.skip(f"fewer than {max(LA_CASE_INDICES) + 1} real LA cases under {LA_H5}")
     masks = {}
     for i in LA_CASE_INDICES:
         with h5py.File(dirs[i] / "mri_norm2.h5", "r") as f:
@@ -116,6 +118,7 @@ def _parity_masks(la_masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return dict(list(la_masks.items())[:2])
 
 
+@pytest.mark.needs_la_data(LA_H5)
 @pytest.mark.parametrize("spacing", SPACINGS, ids=["voxel", "aniso"])
 @pytest.mark.parametrize("kind", PERTURBATIONS)
 def test_metrics_match_medpy_on_real_la_masks(la_masks, kind, spacing):
@@ -138,6 +141,7 @@ def test_metrics_match_medpy_on_real_la_masks(la_masks, kind, spacing):
             assert _close(ours[key], value), (case, kind, spacing, key, ours[key], value)
 
 
+@pytest.mark.needs_la_data(LA_H5)
 def test_metrics_match_medpy_isotropic_spacing(la_masks):
     """Isotropic spacings take a shortcut (voxel distances scaled), so they get their own check."""
     ref = next(iter(la_masks.values()))
@@ -148,6 +152,7 @@ def test_metrics_match_medpy_isotropic_spacing(la_masks):
     assert _close(ev.assd(pred, ref, [0.625] * 3), expected["assd"])
 
 
+@pytest.mark.needs_la_data(LA_H5)
 def test_metrics_match_medpy_uncropped_at_image_border(la_masks):
     """The mask of this case touches the last slice; medpy on the full array, nothing cropped."""
     ref = next(m for m in la_masks.values() if m[..., -1].any() or m[..., 0].any())
@@ -162,6 +167,7 @@ def test_metrics_match_medpy_uncropped_at_image_border(la_masks):
         assert _close(ev.assd(ref, pred, spacing), expected["assd"])
 
 
+@pytest.mark.needs_la_data(LA_H5)
 def test_largest_component_removes_the_island(la_masks):
     for ref in _parity_masks(la_masks).values():
         pred = _perturb(ref, "island")
@@ -211,7 +217,7 @@ def test_large_volume_pair_is_exact():
     pred = ((z - 45) / 19.0) ** 2 + ((y - 306) / 86.0) ** 2 + ((x - 328) / 84.0) ** 2 <= 1
     spacing = np.array((2.5, 0.625, 0.625))
     start = time.perf_counter()
-    scores = ev._score_label(pred, ref, spacing, ev._cpu_count())
+    scores = score_label(pred, ref, spacing, cpu_count())
     print(f"\n640x640x88 pair scored (voxel + mm) in {time.perf_counter() - start:.2f} s")
     p, r = _crop_for_medpy(pred, ref)
     for unit, sp in (("voxel", None), ("mm", tuple(spacing))):
@@ -318,6 +324,7 @@ def test_multiple_labels_and_label_selection(tmp_path):
     assert only2["cases"]["m"]["dice"] == pytest.approx(case["per_label"]["2"]["dice"])
 
 
+@pytest.mark.needs_la_data(LA_H5)
 def test_cli_end_to_end_on_real_masks(la_masks, tmp_path):
     ref_dir, pred_dir = tmp_path / "labelsTs", tmp_path / "pred"
     spacing_xyz = (0.625, 0.7, 2.5)
