@@ -1,47 +1,23 @@
 """Shared set-up of the benchmarks: nnU-Net tools without console scripts, and an LA dataset ready to train.
 
 nnU-Net may be importable without its console scripts on PATH (``pip install --target``), so every tool is
-started as ``python -c`` on its entry function.
+started through its entry function (:mod:`nnunet_sassnet.nnunet_tools`).
 """
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
-from typing import Sequence
 
-REPO = Path(__file__).resolve().parents[1]
-
-ENTRY_POINTS = {
-    "nnUNetv2_plan_and_preprocess": "nnunetv2.experiment_planning.plan_and_preprocess_entrypoints:plan_and_preprocess_entry",
-    "nnUNetv2_preprocess": "nnunetv2.experiment_planning.plan_and_preprocess_entrypoints:preprocess_entry",
-    "nnUNetv2_train": "nnunetv2.run.run_training:run_training_entry",
-    "nnUNetv2_predict": "nnunetv2.inference.predict_from_raw_data:predict_entry_point",
-}
-
-
-def python_tool(module: str, function: str, argv: Sequence[str]) -> list[str]:
-    """A command line that runs an entry function of an installed tool with this interpreter.
-
-    nnU-Net's console scripts are not on PATH where it is installed with ``pip --target``; its entry functions
-    read ``sys.argv`` like the scripts do.
-    """
-    code = (f"import sys; sys.argv = {[function, *map(str, argv)]!r}; from {module} import {function} as f; "
-            f"r = f(); sys.exit(r if isinstance(r, int) else 0)")
-    return [sys.executable, "-c", code]
+from nnunet_sassnet import nnunet_tools as tools
 
 
 def nnunet_tool(tool: str, args: list[str], env: dict, log_file: Path) -> None:
     """Run an nnU-Net command-line tool through its entry function; raise with the log's tail on failure."""
-    module, func = ENTRY_POINTS[tool].split(":")
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "w") as log:
-        result = subprocess.run(python_tool(module, func, args), env=env, stdout=log, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
-        tail = log_file.read_text()[-3000:]
-        raise RuntimeError(f"{tool} {' '.join(args)} failed (exit {result.returncode}); log {log_file}:\n{tail}")
+    result = tools.run_tool(tools.tool_command(tool, args), env, log_file)
+    if not result.ok:
+        raise RuntimeError(f"{tool} {' '.join(args)} failed ({result.error}); log {log_file}:\n"
+                           f"{tools.log_tail(log_file, 60)}")
 
 
 def present_training_cases(data_dir: Path) -> list[str]:
@@ -54,19 +30,10 @@ def present_training_cases(data_dir: Path) -> list[str]:
 
 
 def nnunet_env(workdir: Path, data_workers: int | None = None) -> dict:
-    env = dict(os.environ)
-    env.update({"nnUNet_raw": str(workdir / "raw"), "nnUNet_preprocessed": str(workdir / "preprocessed"),
-                "nnUNet_results": str(workdir / "results")})
-    sys.path.insert(0, str(REPO))
-    from nnunet_sassnet.discovery import trainer_dir
-
-    env["nnUNet_extTrainer"] = trainer_dir()
-    env.setdefault("nnUNet_compile", "t")
-    if data_workers is not None:
-        env["nnUNet_n_proc_DA"] = str(data_workers)
-    for key in ("raw", "preprocessed", "results"):
-        (workdir / key).mkdir(parents=True, exist_ok=True)
-    return env
+    """nnU-Net's environment with its folders under ``workdir`` (torch.compile on unless set by the caller)."""
+    return tools.nnunet_environment(workdir / "raw", workdir / "preprocessed", workdir / "results",
+                                    compile=os.environ.get("nnUNet_compile", "t").lower() in ("t", "true", "1"),
+                                    data_workers=data_workers)
 
 
 def prepare_la_dataset(workdir: Path, data_dir: Path, dataset_id: int, labeled: int, unlabeled: int, test: int,
@@ -78,7 +45,6 @@ def prepare_la_dataset(workdir: Path, data_dir: Path, dataset_id: int, labeled: 
     """
     from nnunet_sassnet.conversion import convert_la2018
     from nnunet_sassnet.plans import derive_small_plans
-    from nnunet_sassnet.unlabeled import preprocess_unlabeled
 
     workdir.mkdir(parents=True, exist_ok=True)
     env = nnunet_env(workdir)
@@ -108,12 +74,8 @@ def prepare_la_dataset(workdir: Path, data_dir: Path, dataset_id: int, labeled: 
         nnunet_tool("nnUNetv2_plan_and_preprocess", ["-d", str(dataset_id), "-c", "3d_fullres",
                                                      "-np", str(processes)], plan_env, logs / f"plan_{dataset_id}.log")
     if unlabeled:
-        old = dict(os.environ)
-        os.environ.update(env)
-        try:
-            preprocess_unlabeled(dataset_id, "3d_fullres", plans, num_processes=processes, progress=False)
-        finally:
-            os.environ.clear()
-            os.environ.update(old)
+        nnunet_tool("nnunet_sassnet_preprocess_unlabeled", ["-d", str(dataset_id), "-c", "3d_fullres", "-p", plans,
+                                                            "-np", str(processes)], env,
+                    logs / f"unlabeled_{dataset_id}.log")
     env["BENCH_PLANS"] = plans
     return env

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from nnunet_sassnet.networks import SDMDiscriminator, discriminator_strides  # noqa: E402
+from nnunet_sassnet.networks import SDMDiscriminator, discriminator_strides
 
 PATCH = (48, 80, 96)
 POOLING = [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]]  # the LA 1.25 mm plan

@@ -3,21 +3,38 @@
 # wheels in .whl1 (SimpleITK) and .whl2 (nnU-Net and the rest) are installed into /tmp/site, this checkout is
 # put on PYTHONPATH, and the LA data comes from .gpu/la_lite. Results go to $OUT (or ./gpu_out).
 #
-#   bash benchmarks/lent_gpu.sh install1     # first call: carry .whl1
+#   bash benchmarks/lent_gpu.sh prepare      # HERE, on the CPU: convert, plan and preprocess the queue's data
+#                                            # into .gpu/la_work and print its size (carry it)
+#   bash benchmarks/lent_gpu.sh install1     # first GPU call: carry .whl1
+#   bash benchmarks/lent_gpu.sh queue        # second GPU call: carry .whl2 and .gpu/la_work (not la_lite); the
+#                                            # next runs of benchmarks/queue_la8.json within QUEUE_LIMIT
+#                                            # seconds (default 480)
 #   bash benchmarks/lent_gpu.sh speed        # carry .whl2 and .gpu: training/inference speed (train_speed.py)
-#   bash benchmarks/lent_gpu.sh semisup ARGS # carry .gpu: the semi-supervised benefit (la_semisup.py)
+#
+# After `queue`, copy $OUT/semisup_ledger.jsonl and $OUT/semisup_results.md over docs/ here: the ledger only
+# grows (every run of the call appended, the moment it ended), and the tables are regenerated from it.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+QUEUE=${QUEUE:-benchmarks/queue_la8.json}
 install() {  # $1: wheel folder
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$1"/*.whl
 }
-export PYTHONPATH=/tmp/site:$PWD
 case "${1:-}" in
+  prepare)
+    # the split is recorded with the prepared data, so that the GPU machine needs no scans
+    python3 -m benchmarks.la_semisup --queue "$QUEUE" --prepare-only --device cpu --workdir .gpu/la_work \
+        --ledger docs/semisup_ledger.jsonl --results-doc docs/semisup_results.md || exit $?
+    # the carry limit is 64 MiB with the ~22 MB of .whl2: the preprocessed unlabeled scans (22 MiB) do not
+    # fit beside the rest (22 MiB), so the GPU machine preprocesses them again (~15 s with 16 processes, while
+    # the first trainings, which do not need them, run); the preparation's logs are not needed there either
+    rm -rf .gpu/la_work/runs .gpu/la_work/cache .gpu/la_work/tmp .gpu/la_work/nnUNet_preprocessed/*/*_unlabeled*
+    du -sh --apparent-size .gpu/la_work .gpu/la_work/nnUNet_raw .gpu/la_work/nnUNet_preprocessed ;;
   install1)
     install .whl1 && python3 -c "import SimpleITK; print('SimpleITK', SimpleITK.Version())" ;;
   speed)
+    export PYTHONPATH=/tmp/site:$PWD
     [ -d .whl2 ] && install .whl2
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
     python3 -c "import torch, nnunetv2; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
@@ -29,11 +46,18 @@ case "${1:-}" in
     tail -5 "$OUT/speed.log"
     python3 benchmarks/sdm_speed.py --device cuda --data .gpu/la_lite --output "$OUT/sdm_speed.json" \
         > "$OUT/sdm_speed.log" 2>&1; echo "sdm_speed exit $?"; tail -12 "$OUT/sdm_speed.log" ;;
-  semisup)
-    shift
+  queue)
+    export PYTHONPATH=/tmp/site:$PWD
     [ -d .whl2 ] && install .whl2
-    python3 benchmarks/la_semisup.py --device cuda --data .gpu/la_lite --workdir /tmp/semisup \
-        --output "$OUT/la_semisup.json" "$@" > "$OUT/semisup.log" 2>&1
-    echo "la_semisup exit $?"; tail -40 "$OUT/semisup.log" ;;
-  *) echo "usage: $0 install1|speed|semisup [ARGS]"; exit 2 ;;
+    # /tmp survives between calls while the machine stays up; the carried folder does not
+    [ -d /tmp/la_work ] || cp -a .gpu/la_work /tmp/la_work   # -a: the unlabeled data's stamp holds mtimes
+    cp docs/semisup_ledger.jsonl docs/semisup_results.md "$OUT/"
+    limit=${QUEUE_LIMIT:-480}
+    # the benchmark stops itself at its limit; timeout is the safety net (SIGTERM: it records what ran)
+    timeout -s TERM $((limit + 40)) python3 -m benchmarks.la_semisup --queue "$QUEUE" --device cuda \
+        --workdir /tmp/la_work --split /tmp/la_work/prepared/semi_split.json --time-limit "$limit" \
+        --ledger "$OUT/semisup_ledger.jsonl" --results-doc "$OUT/semisup_results.md" \
+        --output "$OUT/la_semisup_call.json" "$@" > "$OUT/queue.log" 2>&1
+    echo "la_semisup exit $?"; tail -40 "$OUT/queue.log" ;;
+  *) echo "usage: $0 prepare|install1|queue|speed [ARGS]"; exit 2 ;;
 esac

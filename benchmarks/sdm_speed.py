@@ -22,7 +22,6 @@ import h5py
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "la2018_uamt_h5"
 
 

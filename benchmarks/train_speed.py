@@ -30,10 +30,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "la2018_uamt_lite_1.25mm"
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import nnunet_tool, prepare_la_dataset  # noqa: E402
+from bench_common import prepare_la_dataset  # the script's own folder (on sys.path when run as a script)
 
 
 def synchronize(device) -> None:

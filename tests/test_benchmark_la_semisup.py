@@ -1,127 +1,275 @@
-"""benchmarks/la_semisup.py end to end on the CPU: real LA lite scans, tiny plans, a few steps per trainer.
+"""``python -m benchmarks.la_semisup`` end to end on the CPU: real LA lite scans, tiny plans, a few steps.
 
-The smoke run converts, plans and preprocesses both datasets, trains the four default runs through nnU-Net's
-own training entry point, predicts through nnU-Net's predictor and scores with the project's evaluator; the
-test then reads what it wrote. The numbers themselves mean nothing at 4 steps; their presence, finiteness and
-bookkeeping (same steps for every run, the paired comparison) are what is checked.
+The smoke call runs a queue file: it converts, plans and preprocesses the data, trains through nnU-Net's own
+training entry point (a plain, a semi-supervised and a self-training run), predicts through nnU-Net's
+predictor, scores with the project's evaluator, appends every finished run to a ledger and regenerates a
+results document from it; the tests then read what it wrote. The numbers themselves mean nothing at 4 steps;
+their presence, finiteness and bookkeeping (the ledger, the paired comparison, reuse) are what is checked.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import LA_LITE
+
+from benchmarks.la_semisup import ledger, tables
+from benchmarks.la_semisup.queue import load_queue
+from benchmarks.la_semisup.settings import build_parser, resolve_settings
+from benchmarks.la_semisup.split import make_split
+from benchmarks.la_semisup.supervisor import Supervisor
+from nnunet_sassnet.errors import UserInputError
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "la_semisup.py"
-LA_LITE = REPO.parent / "shared" / "data" / "la2018_uamt_lite_1.25mm"
-RUNS = ("nnUNetTrainer", "nnUNetTrainerSDM", "nnUNetTrainerSASSNet", "nnUNetTrainer:all")
 SMOKE_STEPS, SMOKE_EPOCHS = 4, 2  # --cpu-smoke: 2 epochs x 2 iterations
+QUEUE = {"runs": [{"trainer": "nnUNetTrainer", "seeds": [0]},
+                  {"trainer": "nnUNetTrainerSASSNet", "seeds": [0]},
+                  {"trainer": "nnUNetTrainer", "kind": "self_training", "seeds": [0]},
+                  {"trainer": "nnUNetTrainerNotWrittenYet", "seeds": [0]}]}
+DONE = ("nnUNetTrainer/s0", "nnUNetTrainerSASSNet/s0", "selftrain:nnUNetTrainer/s0")
 
-needs_lite = pytest.mark.skipif(not LA_LITE.is_dir(), reason=f"LA lite scans not found at {LA_LITE}")
+needs_lite = pytest.mark.needs_la_data(LA_LITE)
 
 
 def _benchmark(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
+    """Run the benchmark's command line; past ``timeout`` it gets SIGTERM, so that it stops its own tools."""
+    cmd = [sys.executable, "-m", "benchmarks.la_semisup", *args]
+    with subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGTERM)
+            stdout, stderr = process.communicate(timeout=120)
+            raise AssertionError(f"benchmark still running after {timeout} s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
+
+
+def _read_ledger(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> dict:
-    """One --cpu-smoke run of the benchmark: its exit, its JSON and its work folder."""
+    """One --cpu-smoke queue call: its exit, its JSON, its ledger, its results document, its work folder."""
     root = tmp_path_factory.mktemp("la_semisup")
-    workdir, output = root / "work", root / "results" / "smoke.json"
-    result = _benchmark("--cpu-smoke", "--data", str(LA_LITE), "--workdir", str(workdir), "--output", str(output))
+    queue, doc = root / "queue.json", root / "results.md"
+    queue.write_text(json.dumps(QUEUE))
+    doc.write_text(f"# Results\n\n{tables.BEGIN}\n{tables.END}\n\nText after the tables.\n")
+    workdir, output, ledger_file = root / "work", root / "call.json", root / "ledger.jsonl"
+    result = _benchmark("--cpu-smoke", "--queue", str(queue), "--data", str(LA_LITE), "--workdir", str(workdir),
+                        "--output", str(output), "--ledger", str(ledger_file), "--results-doc", str(doc),
+                        timeout=1500)
     if result.returncode != 0:
         raise AssertionError(f"benchmark failed ({result.returncode}):\n{result.stdout[-6000:]}\n"
                              f"{result.stderr[-3000:]}")
-    return {"result": result, "doc": json.loads(output.read_text()), "workdir": workdir, "output": output}
+    return {"result": result, "call": json.loads(output.read_text()), "ledger": ledger_file, "doc": doc,
+            "queue": queue, "workdir": workdir, "root": root}
+
+
+def _training_started(output: Path) -> bool:
+    """Whether the call that writes ``output`` has started its training (its log exists)."""
+    try:
+        run_dir = Path(json.loads(output.read_text())["settings"]["run_dir"])
+    except (OSError, ValueError, KeyError):
+        return False
+    return (run_dir / "logs" / "train_nnUNetTrainer-s1.log").is_file()
 
 
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+@pytest.mark.slow
 @needs_lite
-def test_every_run_is_scored_with_finite_metrics(smoke):
-    doc = smoke["doc"]
-    evaluation = doc["split"]["evaluation"]
-    assert len(evaluation) == 2 and not set(evaluation) & set(doc["split"]["labeled"] + doc["split"]["unlabeled"])
-    assert list(doc["runs"]) == list(RUNS)
-    for key, run in doc["runs"].items():
-        assert run["status"] == "done", (key, run.get("error"))
-        assert sorted(run["cases"]) == sorted(evaluation)
+def test_every_finished_run_is_in_the_ledger_with_its_record(smoke):
+    entries = _read_ledger(smoke["ledger"])
+    assert [e["key"] for e in entries] == sorted(DONE, key=DONE.index)
+    evaluation = smoke["call"]["split"]["evaluation"]
+    for entry in entries:
+        assert entry["status"] == "done", (entry["key"], entry.get("error"))
+        assert sorted(entry["cases"]) == sorted(evaluation)
         for metric in ("dice", "jaccard", "hd95_voxel", "asd_voxel", "hd95_mm", "asd_mm"):
-            assert _finite(run["mean"][metric]) and _finite(run["std"][metric]), (key, metric)
-        assert 0.0 <= run["mean"]["dice"] <= 1.0 and 0.0 <= run["mean"]["jaccard"] <= run["mean"]["dice"]
-        for case in run["cases"].values():
-            assert _finite(case["dice"])
-    # what each run learned from: 2 labeled (+2 unlabeled for SASSNet only), the ceiling all 4 non-evaluation scans
-    assert [doc["runs"][k]["labeled"] for k in RUNS] == [2, 2, 2, 4]
-    assert [doc["runs"][k]["unlabeled"] for k in RUNS] == [0, 0, 2, 0]
+            assert _finite(entry["mean"][metric]) and _finite(entry["std"][metric]), (entry["key"], metric)
+        assert 0.0 <= entry["mean"]["jaccard"] <= entry["mean"]["dice"] <= 1.0
+        assert entry["device"] == "CPU" and entry["finished_utc"].startswith(entry["call"]["id"][:10])
+        # the commit the call ran at (this checkout's history holds it) and the command line
+        assert re.fullmatch(r"[0-9a-f]{40}", entry["commit"]) and "--queue" in entry["call"]["command"]
+        assert subprocess.run(["git", "-C", str(REPO), "merge-base", "--is-ancestor", entry["commit"], "HEAD"]
+                              ).returncode == 0
+        assert entry["protocol"]["steps"] == SMOKE_STEPS and entry["protocol"]["num_eval"] == 2
+    by_key = {e["key"]: e for e in entries}
+    # the settings recorded are the trainer class's own; stock nnU-Net has none
+    assert by_key["nnUNetTrainer/s0"]["trainer_settings"] == {}
+    from nnunet_sassnet.trainers import nnUNetTrainerSASSNet
+    sassnet = by_key["nnUNetTrainerSASSNet/s0"]
+    assert sassnet["trainer_settings"]["adversarial_weight_max"] == nnUNetTrainerSASSNet.adversarial_weight_max
+    assert [by_key[k]["unlabeled"] for k in DONE] == [0, 2, 2] and sassnet["semi_supervised"]
+    # a trainer that does not exist yet is left out of the call, not recorded
+    assert smoke["call"]["runs"]["nnUNetTrainerNotWrittenYet/s0"]["status"] == "trainer not found"
+    assert "nnUNetTrainerNotWrittenYet/s0: left out of this call" in smoke["result"].stdout
 
 
+@pytest.mark.slow
 @needs_lite
-def test_paired_comparison_against_nnunet_trainer(smoke):
-    doc = smoke["doc"]
-    paired = doc["paired"]
-    assert sorted(paired) == sorted(RUNS[1:])
-    base = doc["runs"]["nnUNetTrainer"]["cases"]
-    for key, pair in paired.items():
-        assert pair["vs"] == "nnUNetTrainer" and pair["n"] == 2
-        assert pair["wins"] + pair["ties"] + pair["losses"] == 2
-        # the differences are recomputed here from the per-scan Dice values of both runs
-        expected = {c: 100 * (doc["runs"][key]["cases"][c]["dice"] - base[c]["dice"]) for c in base}
-        assert pair["per_case_points"] == pytest.approx(expected)
-        assert pair["mean_dice_diff_points"] == pytest.approx(sum(expected.values()) / 2)
-        assert pair["wins"] == sum(d > 0 for d in expected.values())
-    table = doc["table"]
-    assert "ΔDice vs nnUNetTrainer" in table and "(baseline)" in table
-    assert smoke["output"].with_suffix(".md").read_text() == table
-    # the table is printed too
-    assert "nnUNetTrainer (all labeled)" in smoke["result"].stdout and "Total wall time" in smoke["result"].stdout
-
-
-@needs_lite
-def test_same_steps_and_seed_for_every_run(smoke):
-    doc, workdir = smoke["doc"], smoke["workdir"]
-    assert doc["settings"]["steps"] == SMOKE_STEPS and doc["settings"]["seed"] == 0
-    for key, run in doc["runs"].items():
-        checkpoint = torch.load(Path(run["model"]) / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-        assert checkpoint["trainer_name"] == run["bench_trainer"]
+def test_trainings_follow_the_protocol_and_stages_are_timed(smoke):
+    entries = {e["key"]: e for e in _read_ledger(smoke["ledger"])}
+    for key, entry in entries.items():
+        checkpoint = torch.load(Path(entry["model"]) / "checkpoint_final.pth", map_location="cpu",
+                                weights_only=False)
+        assert checkpoint["trainer_name"] == f"{entry['trainer']}_LAbench"
         assert checkpoint["current_epoch"] == SMOKE_EPOCHS, key
-        if "sassnet" in checkpoint:
-            assert checkpoint["sassnet"]["current_iteration"] == SMOKE_STEPS
-    # every stage was timed, and nothing of nnU-Net's went outside the work folder
-    stages = {s["stage"]: s for s in doc["stages"]}
-    for key in RUNS:
-        slug = key.replace(":", "-")
-        for step in ("train", "predict", "evaluate"):
-            assert stages[f"{step}_{slug}"]["status"] == "ok" and stages[f"{step}_{slug}"]["seconds"] >= 0
-    assert "convert" in stages and doc["elapsed_s"] > 0
-    for run in doc["runs"].values():
-        assert Path(run["model"]).is_relative_to(workdir)
+        assert Path(entry["model"]).is_relative_to(smoke["workdir"])
+    stages = {s["stage"]: s for s in smoke["call"]["stages"]}
+    for key, entry in entries.items():
+        slug = key.replace(":", "-").replace("/", "-")
+        # self-training's scored model is its second training's
+        steps = ("train2" if entry["kind"] == "self_training" else "train", "predict", "evaluate")
+        train, predict, evaluate = (stages[f"{step}_{slug}"] for step in steps)
+        assert all(s["status"] == "ok" for s in (train, predict, evaluate))
+        # each stage starts when the one before it has ended, and the ledger has the same times
+        assert train["end_s"] <= predict["start_s"] and predict["end_s"] <= evaluate["start_s"]
+        assert train["seconds"] == pytest.approx(train["end_s"] - train["start_s"], abs=0.02)
+        assert entry["seconds"]["train"] == pytest.approx(train["seconds"], abs=0.02) and train["seconds"] > 1
+    assert smoke["call"]["elapsed_s"] >= max(s["end_s"] for s in stages.values())
+
+
+@pytest.mark.slow
+@needs_lite
+def test_self_training_trains_twice_on_labeled_then_pseudo_labeled_scans(smoke):
+    entry = next(e for e in _read_ledger(smoke["ledger"]) if e["kind"] == "self_training")
+    call = smoke["call"]
+    assert set(entry["seconds"]) >= {"train_labeled", "pseudo_label", "plan_pseudo_labeled", "train"}
+    assert entry["seconds"]["train_labeled"] > 1 and entry["seconds"]["train"] > 1
+    run_folder = Path(entry["model"]).parents[3]
+    pseudo = sorted(p.name for p in (run_folder / "pseudo_labels").glob("*.nii.gz"))
+    assert pseudo == sorted(f"{c}.nii.gz" for c in call["split"]["unlabeled"])
+    labels = sorted(p.name for p in (run_folder / "nnUNet_raw" / "Dataset903_LAselftrain" / "labelsTr").iterdir())
+    assert labels == sorted(f"{c}.nii.gz" for c in call["split"]["labeled"] + call["split"]["unlabeled"])
+    # its cost is shown as two trainings
+    assert "(2 trainings)" in smoke["doc"].read_text()
+
+
+@pytest.mark.slow
+@needs_lite
+def test_results_document_is_regenerated_from_the_ledger(smoke):
+    entries = _read_ledger(smoke["ledger"])
+    text = smoke["doc"].read_text()
+    assert text.startswith("# Results\n") and text.endswith("Text after the tables.\n")
+    base = next(e for e in entries if e["key"] == "nnUNetTrainer/s0")
+    for entry in entries:
+        if entry is base:
+            continue
+        pair = tables.paired(entry, base)
+        expected = {c: 100 * (entry["cases"][c]["dice"] - base["cases"][c]["dice"]) for c in base["cases"]}
+        assert pair["per_case_points"] == pytest.approx(expected)
+        assert pair["wins"] == sum(d > 0 for d in expected.values()) and pair["n"] == 2
+        row = next(line for line in text.splitlines() if line.startswith(f"| {entry['title']} | 0 |"))
+        assert f"{pair['mean_dice_diff_points']:.2f} ± {pair['std_dice_diff_points']:.2f}" in row
+        assert "| same call |" in row
+    # the call's own table is printed and written beside its JSON
+    assert smoke["call"]["table"] in smoke["result"].stdout
+    assert "(baseline)" in smoke["call"]["table"] and "Total wall time" in smoke["call"]["table"]
+
+
+@pytest.mark.slow
+@needs_lite
+def test_next_call_skips_done_runs_and_an_interrupted_run_is_recorded(smoke, tmp_path):
+    ledger_file = tmp_path / "ledger.jsonl"
+    ledger_file.write_text(smoke["ledger"].read_text())
+    again = _benchmark("--cpu-smoke", "--queue", str(smoke["queue"]), "--data", str(LA_LITE), "--workdir",
+                       str(smoke["workdir"]), "--ledger", str(ledger_file), "--output", str(tmp_path / "a.json"),
+                       timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "nothing to run" in again.stdout and ledger_file.read_text() == smoke["ledger"].read_text()
+    assert {k: r["status"] for k, r in json.loads((tmp_path / "a.json").read_text())["runs"].items()
+            if k in DONE} == dict.fromkeys(DONE, "done earlier (ledger)")
+    # a long training on the prepared data, stopped by SIGTERM (what a time-limited caller sends) once it runs
+    output = tmp_path / "stopped.json"
+    process = subprocess.Popen([sys.executable, "-m", "benchmarks.la_semisup", "--cpu-smoke", "--data", str(LA_LITE),
+                                "--workdir", str(smoke["workdir"]), "--trainers", "nnUNetTrainer", "--seeds", "1",
+                                "--steps", "2000", "--iterations-per-epoch", "1000", "--ledger", str(ledger_file),
+                                "--output", str(output)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None and not _training_started(output):
+            time.sleep(0.5)
+        time.sleep(2)
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, out[-3000:]
+    call = json.loads(output.read_text())
+    assert not [s for s in call["stages"] if s["stage"].startswith(("plan_", "preprocess_"))]
+    entries = _read_ledger(ledger_file)
+    assert len(entries) == len(DONE) + 1
+    assert entries[-1]["key"] == "nnUNetTrainer/s1" and entries[-1]["status"] == "interrupted"
+    assert "interrupted" in call["table"]
+
+
+def test_a_step_past_the_time_limit_is_stopped_and_reported_as_timeout(tmp_path):
+    argv = ["--cpu-smoke", "--trainers", "nnUNetTrainer", "--time-limit", "3", "--workdir", str(tmp_path / "w")]
+    s = resolve_settings(build_parser().parse_args(argv), argv)
+    supervisor = Supervisor(s, [])
+    supervisor.doc = {"runs": {}}
+    start = time.monotonic()
+    result = supervisor.run_step("sleep", [sys.executable, "-c", "import time; print('up', flush=True); "
+                                           "time.sleep(60)"], dict(os.environ), cap=600)
+    assert result.timed_out and not result.ok and result.error.startswith("timed out")
+    assert time.monotonic() - start < 20  # stopped at the limit, not after the 60 s
+    assert supervisor.stages[-1]["stage"] == "sleep" and supervisor.stages[-1]["status"] == "timeout"
+    assert "up" in result.log.read_text()
+    # a step asked for after the limit does not start
+    late = supervisor.run_step("late", [sys.executable, "-c", "pass"], dict(os.environ), cap=600)
+    assert late.timed_out and late.seconds == 0.0 and supervisor.stages[-1]["status"] == "skipped"
 
 
 @needs_lite
-def test_next_benchmark_in_the_work_folder_reuses_the_prepared_data(smoke, tmp_path):
-    # a time limit that has passed before the first training can start: the run is reported, not lost
-    output = tmp_path / "again.json"
-    result = _benchmark("--cpu-smoke", "--data", str(LA_LITE), "--workdir", str(smoke["workdir"]), "--seed", "1",
-                        "--trainers", "nnUNetTrainer", "--time-limit", "0.5", "--output", str(output), timeout=300)
-    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
-    doc = json.loads(output.read_text())
-    assert doc["datasets"]["semi"]["reused"] is True and "all" not in doc["datasets"]
-    stages = [s["stage"] for s in doc["stages"]]
-    assert not [s for s in stages if s.startswith(("plan_", "preprocess_"))]
-    assert doc["runs"]["nnUNetTrainer"]["status"] == "timeout"
-    assert "timeout" in doc["table"] and doc["paired"] == {}
-    # the earlier benchmark's results are untouched, in their own folder
-    assert Path(smoke["doc"]["settings"]["run_dir"]) != Path(doc["settings"]["run_dir"])
-    assert (Path(smoke["doc"]["runs"]["nnUNetTrainer"]["model"]) / "checkpoint_final.pth").is_file()
+def test_imported_seed0_baseline_is_reused_by_the_queue(tmp_path):
+    """The ledger's nnUNetTrainer seed 0 (2026-11-26, before the ledger) has the identity of queue_la8's run."""
+    queue_file = REPO / "benchmarks" / "queue_la8.json"
+    argv = ["--queue", str(queue_file), "--data", str(LA_LITE), "--workdir", str(tmp_path / "w")]
+    protocol, runs = load_queue(queue_file)
+    s = resolve_settings(build_parser().parse_args(argv), argv, protocol, runs)
+    proto = ledger.protocol(s, make_split(s), "2.8.1")
+    recorded = ledger.read_ledger(REPO / "docs" / "semisup_ledger.jsonl")
+    baseline = ledger.new_entry(runs[0], proto, make_split(s), {}, {})
+    assert runs[0].key == "nnUNetTrainer/s0"
+    assert ledger.identity(baseline) in ledger.done_identities(recorded)
+    # the SASSNet of those runs had other defaults: today's nnUNetTrainerSASSNet is not taken for it
+    old = next(e for e in recorded if e["trainer"] == "nnUNetTrainerSASSNet")
+    assert old["trainer_settings"]["adversarial_weight_max"] == 0.001 and "6e1f341" in old["title"]
+    from benchmarks.la_semisup.trainer_lookup import class_settings
+    from nnunet_sassnet.trainers import nnUNetTrainerSASSNet
+    if class_settings(nnUNetTrainerSASSNet) != old["trainer_settings"]:
+        sassnet = next(r for r in runs if r.key == "nnUNetTrainerSASSNet/s0")
+        sassnet.settings = class_settings(nnUNetTrainerSASSNet)
+        assert ledger.identity(ledger.new_entry(sassnet, proto, make_split(s), {}, {})) != ledger.identity(old)
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"runs": []}, "at least one run"),
+    ({"protocol": {"stepz": 3}, "runs": [{"trainer": "nnUNetTrainer"}]}, "protocol key stepz unknown"),
+    ({"runs": [{"trainer": "nnUNetTrainer", "seeds": [0, 0]}]}, "twice"),
+    ({"runs": [{"trainer": "nnUNetTrainer", "kind": "distill"}]}, "kind must be one of"),
+    ({"runs": [{"trainer": "nnU-Net"}]}, "not a trainer class name"),
+], ids=["empty", "unknown-protocol-key", "twice", "unknown-kind", "bad-name"])
+def test_bad_queue_files_are_refused_with_the_file_named(tmp_path, content, message):
+    path = tmp_path / "queue.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(UserInputError, match=message) as raised:
+        load_queue(path)
+    assert str(path) in str(raised.value)
 
 
 def test_refuses_bad_command_lines_with_one_line(tmp_path):
@@ -141,10 +289,11 @@ def test_refuses_bad_command_lines_with_one_line(tmp_path):
         assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 @needs_lite
 @pytest.mark.parametrize("runs, message", [
     (["nnUNetTrainer", "nnUNetTrainerNoSuchThing"], "nnU-Net finds no trainer nnUNetTrainerNoSuchThing"),
-    (["nnUNetTrainerSASSNet:all"], "no unlabeled scans"),
+    (["nnUNetTrainerSASSNet:all"], "the all-labeled dataset has none"),
 ], ids=["unknown", "semi-supervised-on-all-labeled"])
 def test_impossible_runs_are_refused_before_any_work(tmp_path, runs, message):
     workdir = tmp_path / "work"
@@ -154,3 +303,27 @@ def test_impossible_runs_are_refused_before_any_work(tmp_path, runs, message):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and message in last
     assert not list((workdir / "nnUNet_raw").iterdir())
+
+
+def _bench_trainer(monkeypatch, seed: int):
+    """``nnUNetTrainer_LAbench`` as nnU-Net builds it from the benchmark's trainer folder and variables."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    from benchmarks.la_semisup.trainer_lookup import BENCH_TRAINER_DIR
+    monkeypatch.setenv("nnUNet_extTrainer", str(BENCH_TRAINER_DIR))
+    monkeypatch.setenv("LA_SEMISUP_BASES", "nnUNetTrainer=nnunetv2.training.nnUNetTrainer.nnUNetTrainer:nnUNetTrainer")
+    for variable, value in (("LA_SEMISUP_SEED", seed), ("LA_SEMISUP_EPOCHS", 3), ("LA_SEMISUP_ITERATIONS", 5),
+                            ("LA_SEMISUP_VAL_ITERATIONS", 2)):
+        monkeypatch.setenv(variable, str(value))
+    trainer = get_trainer_from_args("990", "3d_fullres", "all", "nnUNetTrainer_LAbench", "nnUNetPlansSmall",
+                                    device=torch.device("cpu"))
+    trainer.initialize()
+    return trainer
+
+
+def test_benchmark_trainer_takes_the_seed_and_schedule_of_its_run(nnunet_paths, monkeypatch):
+    first, again, other = (_bench_trainer(monkeypatch, seed) for seed in (3, 3, 4))
+    assert type(first).__name__ == "nnUNetTrainer_LAbench" and type(first).__mro__[2].__name__ == "nnUNetTrainer"
+    assert (first.num_epochs, first.num_iterations_per_epoch, first.num_val_iterations_per_epoch) == (3, 5, 2)
+    weights = [next(t.network.parameters()).detach().clone() for t in (first, again, other)]
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])

@@ -6,8 +6,6 @@ command, and the evaluator.
 """
 from __future__ import annotations
 
-import contextlib
-import os
 import shlex
 import sys
 from dataclasses import dataclass
@@ -88,22 +86,10 @@ def nnunet_environment(layout: Layout, augmentation_processes: int) -> dict[str,
     least 1; training uses 0 (augmentation in the training process), which on two cores is as fast as
     background workers and saves their memory.
     """
-    from nnunet_sassnet.discovery import trainer_dir
+    from nnunet_sassnet.nnunet_tools import nnunet_environment as tool_environment
 
-    env = dict(os.environ)
-    env.update({
-        "nnUNet_raw": str(layout.raw),
-        "nnUNet_preprocessed": str(layout.preprocessed),
-        "nnUNet_results": str(layout.results),
-        "nnUNet_extTrainer": trainer_dir(),
-        # torch.compile is off on the CPU anyway; saying so skips nnU-Net's check
-        "nnUNet_compile": "f",
-        "nnUNet_def_n_proc": "1",
-        "nnUNet_n_proc_DA": str(augmentation_processes),
-        # progress lines arrive as they are printed, not when a buffer fills
-        "PYTHONUNBUFFERED": "1",
-    })
-    return env
+    return tool_environment(layout.raw, layout.preprocessed, layout.results, default_workers=1,
+                            data_workers=augmentation_processes, make_folders=False)
 
 
 def _short_path(path: Path) -> str:
@@ -129,10 +115,10 @@ def convert(layout: Layout) -> None:
     log_file = layout.logs / "1_convert.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with open(log_file, "w") as log, contextlib.redirect_stdout(log):
-            convert_la2018(str(layout.synthetic), config.DATASET_ID, name=config.DATASET_NAME,
-                           split=str(layout.synthetic / "split.json"), raw_dir=str(layout.raw),
-                           progress=show_bars())
+        result = convert_la2018(str(layout.synthetic), config.DATASET_ID, name=config.DATASET_NAME,
+                                split=str(layout.synthetic / "split.json"), raw_dir=str(layout.raw),
+                                progress=show_bars())
+        log_file.write_text(result.summary + "\n")
     except UserInputError as e:
         raise StageFailed(f"conversion failed: {e}") from None
 
@@ -194,12 +180,13 @@ def predict(layout: Layout, trainer: str, num_cases: int) -> None:
 
 
 def evaluate(layout: Layout) -> dict:
-    from nnunet_sassnet.evaluation import EvaluationError, evaluate_folders, write_report
+    from nnunet_sassnet.errors import UserInputError
+    from nnunet_sassnet.evaluation import evaluate_folders, write_report
 
     try:
         # both rows of the paper's table: the raw predictions and their largest connected component
         report = evaluate_folders(str(layout.raw_dataset / "labelsTs"), str(layout.predictions), both=True)
-    except EvaluationError as e:
+    except UserInputError as e:
         raise StageFailed(f"evaluation failed: {e}") from None
     write_report(report, str(layout.report))
     return report

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 import time
-from collections import deque
 from pathlib import Path
 from typing import Callable, Sequence
 
 from tqdm import tqdm
+
+from nnunet_sassnet import nnunet_tools as tools
 
 __all__ = ["StageFailed", "Stages", "run_tool", "TqdmMirror", "TrainingProgress", "CaseCounter"]
 
@@ -153,52 +153,15 @@ def run_tool(cmd: Sequence[str], env: dict[str, str], log_file: Path, on_output:
              cwd: Path | None = None) -> None:
     """Run a command; its output goes to ``log_file`` (appended) and, fragment by fragment, to ``on_output``.
 
-    Fragments are split at newlines and carriage returns, so a child's tqdm updates arrive as they happen.
     Raises :class:`StageFailed` with the end of the log when the command fails or cannot be started.
     """
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    tail: deque[str] = deque(maxlen=25)
-    with open(log_file, "ab") as log:
-        log.write(f"$ {' '.join(cmd)}\n".encode())
-        log.flush()
-        try:
-            process = subprocess.Popen(list(cmd), env=env, cwd=cwd, stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        except FileNotFoundError:
-            raise StageFailed(f"{cmd[0]} not found: is nnunet-sassnet installed in this Python environment "
-                              f"(pip install -e .)?") from None
-        pending = b""
-        try:
-            stdout = process.stdout  # a pipe: stdout=PIPE above
-            while True:
-                chunk = stdout.read1(65536)
-                if not chunk:
-                    break
-                log.write(chunk)
-                pending += chunk
-                *fragments, pending = re.split(rb"[\r\n]", pending)
-                for raw in fragments:
-                    text = raw.decode(errors="replace")
-                    if text.strip():
-                        tail.append(text)
-                        if on_output is not None:
-                            on_output(text)
-            if pending.strip():
-                text = pending.decode(errors="replace")
-                tail.append(text)
-                if on_output is not None:
-                    on_output(text)
-            returncode = process.wait()
-        except BaseException:
-            # Ctrl-C or an error here: do not leave a training process running behind the user's back
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-            raise
-    if returncode != 0:
+    try:
+        result = tools.run_tool(cmd, env, log_file, cwd=cwd, append=True, on_output=on_output, tail_lines=25)
+    except FileNotFoundError:
+        raise StageFailed(f"{cmd[0]} not found: is nnunet-sassnet installed in this Python environment "
+                          f"(pip install -e .)?") from None
+    if not result.ok:
         # tqdm's last redraws repeat themselves in the tail; keep the lines that say something
-        lines = [t for t in tail if not TqdmMirror._pattern.match(t.strip())]
-        raise StageFailed(f"{os.path.basename(cmd[0])} failed (exit code {returncode}); its log: {log_file}",
+        lines = [t for t in result.tail if not TqdmMirror._pattern.match(t.strip())]
+        raise StageFailed(f"{os.path.basename(cmd[0])} failed ({result.error}); its log: {log_file}",
                           details="\n".join(lines[-15:]))
