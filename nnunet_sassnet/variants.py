@@ -1,36 +1,59 @@
-"""Ready-made trainer variants, made by :func:`~nnunet_sassnet.trainers.trainer_variant` (no copied classes).
+"""Ready-made trainer variants, one explicit class each, as nnU-Net's own ``variants/``.
 
-``*_smoke``: a few tiny epochs, for tests and a first check that a dataset trains at all.
+Settings that are class attributes of the trainers are set as class attributes; nnU-Net's schedule
+(``num_epochs``, ``num_iterations_per_epoch``, ...) is assigned in nnU-Net's ``__init__``, so the schedule
+variants set it after ``super().__init__``. The demo's CPU trainers are in :mod:`nnunet_sassnet.demo.trainers`.
 """
-from nnunet_sassnet.trainers import nnUNetTrainerSASSNet, nnUNetTrainerSDM, trainer_variant
+from __future__ import annotations
 
-_SMOKE = dict(num_epochs=2, num_iterations_per_epoch=3, num_val_iterations_per_epoch=2)
+import torch
 
-nnUNetTrainerSDM_smoke = trainer_variant(nnUNetTrainerSDM, "nnUNetTrainerSDM_smoke", __name__, **_SMOKE)
-nnUNetTrainerSASSNet_smoke = trainer_variant(nnUNetTrainerSASSNet, "nnUNetTrainerSASSNet_smoke", __name__,
-                                             **_SMOKE)
+from nnunet_sassnet.trainers import nnUNetTrainerSASSNet, nnUNetTrainerSDM
 
-# CPU variants (the demo's); the schedules and the reasons for them are in nnunet_sassnet.demo.config
-from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoMirroring import (  # noqa: E402
-    nnUNetTrainerNoMirroring)
-
-from nnunet_sassnet.demo.config import QUICK_SCHEDULE as _DEMO_QUICK, SCHEDULE as _DEMO  # noqa: E402
+__all__ = ["nnUNetTrainerSASSNetPaper", "nnUNetTrainerSASSNetBeta005", "nnUNetTrainerSASSNetBeta015",
+           "nnUNetTrainerSDM_smoke", "nnUNetTrainerSASSNet_smoke"]
 
 
-class nnUNetTrainerSASSNetCPU(nnUNetTrainerSASSNet, nnUNetTrainerNoMirroring):
-    """SASSNet for CPU runs such as the demo: a narrower discriminator, and no mirroring.
+# ---- the adversarial weight beta_max --------------------------------------------------------------------------
+class nnUNetTrainerSASSNetPaper(nnUNetTrainerSASSNet):
+    """SASSNet with beta_max = 0.001, the value in the paper's text (the published code uses 0.01 / 0.015)."""
 
-    On tiny CPU plans the published discriminator (64 first-layer features) costs more than the U-Net itself;
-    with 16 it takes about a tenth of a step. Mirroring is off as in nnU-Net's ``nnUNetTrainerNoMirroring``
-    because its test-time part runs every 3D prediction 8 times, which on a CPU takes minutes.
-    """
-
-    discriminator_features = 16
+    adversarial_weight_max = 0.001
 
 
-nnUNetTrainerSASSNet_demo = trainer_variant(nnUNetTrainerSASSNetCPU, "nnUNetTrainerSASSNet_demo", __name__, **_DEMO)
-nnUNetTrainerSASSNet_demo_quick = trainer_variant(nnUNetTrainerSASSNetCPU, "nnUNetTrainerSASSNet_demo_quick",
-                                                  __name__, **_DEMO_QUICK)
+class nnUNetTrainerSASSNetBeta005(nnUNetTrainerSASSNet):
+    """SASSNet with beta_max = 0.05: a stronger shape constraint, for a sweep over beta_max."""
 
-__all__ = ["nnUNetTrainerSDM_smoke", "nnUNetTrainerSASSNet_smoke", "nnUNetTrainerSASSNetCPU",
-           "nnUNetTrainerSASSNet_demo", "nnUNetTrainerSASSNet_demo_quick"]
+    adversarial_weight_max = 0.05
+
+
+class nnUNetTrainerSASSNetBeta015(nnUNetTrainerSASSNet):
+    """SASSNet with beta_max = 0.15: ten times the published code's 0.015, the upper end of a sweep."""
+
+    adversarial_weight_max = 0.15
+
+
+# ---- smoke tests: a few tiny epochs -----------------------------------------------------------------------------
+def _smoke_schedule(trainer) -> None:
+    """Two epochs of three steps: for the tests and a first check that a dataset trains at all."""
+    trainer.num_epochs = 2
+    trainer.num_iterations_per_epoch = 3
+    trainer.num_val_iterations_per_epoch = 2
+
+
+class nnUNetTrainerSDM_smoke(nnUNetTrainerSDM):
+    """:class:`~nnunet_sassnet.trainers.nnUNetTrainerSDM` for 2 epochs of 3 steps (tests, first checks)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        _smoke_schedule(self)
+
+
+class nnUNetTrainerSASSNet_smoke(nnUNetTrainerSASSNet):
+    """:class:`~nnunet_sassnet.trainers.nnUNetTrainerSASSNet` for 2 epochs of 3 steps (tests, first checks)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        _smoke_schedule(self)

@@ -3,7 +3,7 @@
 Targets: the whole demo in at most 10 minutes on two CPU cores (including nnU-Net's start-up; other work on
 the machine slows it down, so it aims at less), at most 4 GB of memory summed over its processes, and a mean
 Dice of at least 0.70 on its own test scans. This module imports nothing heavy:
-:mod:`nnunet_sassnet.variants` builds the demo trainers from the schedules below.
+:mod:`nnunet_sassnet.demo.trainers` holds the demo trainers, with the schedules below.
 """
 from __future__ import annotations
 

@@ -41,6 +41,7 @@ def predict_sdm(model_folder: Path, fold: str, image_files: list[list[str]], con
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+    from nnunet_sassnet.checkpoints import load_weights_only
     from nnunet_sassnet.trainers import nnUNetTrainerSASSNet
 
     plans_manager = PlansManager(load_json(str(model_folder / "plans.json")))
@@ -50,8 +51,7 @@ def predict_sdm(model_folder: Path, fold: str, image_files: list[list[str]], con
     network = nnUNetTrainerSASSNet.build_network_architecture(
         plans_manager, cm, determine_num_input_channels(plans_manager, cm, dataset_json),
         label_manager.num_segmentation_heads, enable_deep_supervision=False)
-    checkpoint = torch.load(model_folder / f"fold_{fold}" / "checkpoint_final.pth", map_location="cpu",
-                            weights_only=False)
+    checkpoint = load_weights_only(model_folder / f"fold_{fold}" / "checkpoint_final.pth", map_location="cpu")
     network.load_state_dict(checkpoint["network_weights"])
     network.eval()
 
