@@ -1,6 +1,6 @@
 """Wall time and peak memory of ``nnunet_sassnet_demo``, measured from outside, as a user experiences it.
 
-    python benchmarks/demo_resources.py [--workdir DIR] [-- DEMO ARGS...]
+    python benchmarks/demo_resources.py [--workdir DIR] [--busy-processes N] [-- DEMO ARGS...]
 
 Runs the demo as a subprocess and samples its whole process tree (nnU-Net's tools and their worker
 processes included) every 0.2 s. Reports the peak of the summed resident memory (RSS), the peak held for at
@@ -8,8 +8,9 @@ least a second, and the peak of the summed proportional set size (PSS: shared pa
 processes that share them, so forked and spawned workers are not counted twice). Uses psutil when it is
 installed, else Linux's /proc. Prints one JSON line with these, the wall time, the demo's mean Dice (from
 its report.json), the CPU count and the load average before and after the run: other work on the machine
-slows the demo down a lot (two processes spinning on two cores), so measure on an otherwise idle machine.
-Memory is reported in GiB.
+slows the demo down, so measure on an otherwise idle machine. ``--busy-processes N`` runs N competing processes
+that each keep one core busy (``python -c "while True: pass"``) for the whole run: the demo on a machine that is
+not idle. Memory is reported in GiB.
 """
 from __future__ import annotations
 
@@ -115,10 +116,19 @@ def sustained_peak(samples: list[tuple[float, int]], window_s: float) -> int:
     return best
 
 
+def _stop(processes: list[subprocess.Popen]) -> None:
+    for p in processes:
+        p.terminate()
+    for p in processes:
+        p.wait()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=None,
                         help="the demo's work folder (default: a new temporary folder, kept afterwards)")
+    parser.add_argument("--busy-processes", type=int, default=0,
+                        help="competing processes that each keep one core busy during the run (default: 0)")
     parser.add_argument("demo_args", nargs="*", help="further arguments for nnunet_sassnet_demo (after --)")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="nnunet_sassnet_demo_bench_")) / "demo"
@@ -126,8 +136,13 @@ def main() -> int:
     command = ["nnunet_sassnet_demo", "--workdir", str(workdir), *args.demo_args]
     print("running: " + " ".join(command), file=sys.stderr, flush=True)
 
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy_processes)]
     start = time.perf_counter()
-    process = subprocess.Popen(command)
+    try:
+        process = subprocess.Popen(command)
+    except BaseException:
+        _stop(spinners)
+        raise
     samples: list[tuple[float, int, int, int]] = []  # (seconds, RSS, PSS, processes)
 
     def sample() -> None:
@@ -137,7 +152,10 @@ def main() -> int:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    returncode = process.wait()
+    try:
+        returncode = process.wait()
+    finally:
+        _stop(spinners)
     wall = time.perf_counter() - start
     sampler.join()
     gib = 1024 ** 3
@@ -159,6 +177,7 @@ def main() -> int:
         "peak_tree_pss_gib": round(max((s[2] for s in samples), default=0) / gib, 2),
         "peak_processes": max((s[3] for s in samples), default=0),
         "mean_dice": None if dice is None else round(dice, 4),
+        "busy_processes": args.busy_processes,
         "cpus": os.cpu_count(),
         "load_average_before": [round(v, 2) for v in load_before],
         "load_average_after": [round(v, 2) for v in os.getloadavg()],

@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["SASSNetwork", "SDMDiscriminator", "discriminator_strides", "unwrap_module"]
+__all__ = ["SASSNetwork", "SDMHead", "SDMDiscriminator", "discriminator_strides", "unwrap_module"]
 
 
 def unwrap_module(module: nn.Module) -> nn.Module:
@@ -18,6 +18,43 @@ def unwrap_module(module: nn.Module) -> nn.Module:
             module = module._orig_mod
         else:
             return module
+
+
+class SDMHead(nn.Module):
+    """SASSNet's SDM head: a 1x1 convolution and tanh, as in the paper.
+
+    Its convolution is named ``seg_layers.0`` because it is an output layer: nnU-Net's
+    ``load_pretrained_weights`` (``nnUNetv2_train -pretrained_weights``) transfers every parameter except those
+    of output layers, recognised by ``.seg_layers.`` in their names, and checks that the checkpoint holds all
+    others. So a supervised nnU-Net model (which has no SDM head) loads into a SASSNet network, and the head
+    keeps its fresh initialisation, as nnU-Net's own output layers do.
+
+    Checkpoints written before the head had this name (``sdm_head.0.*``) still load.
+    """
+
+    def __init__(self, conv_op: type[nn.Module], in_channels: int, out_channels: int):
+        super().__init__()
+        self.seg_layers = nn.ModuleList([conv_op(in_channels, out_channels, kernel_size=1, bias=True)])
+        #: after a ``load_state_dict``: whether the loaded weights held this head (None: nothing loaded yet)
+        self.loaded_from_weights: bool | None = None
+        self._register_load_state_dict_pre_hook(self._before_load)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.seg_layers[0](features))
+
+    def _before_load(self, state_dict: dict, prefix: str, *args) -> None:
+        conv = self.seg_layers[0]
+        for name in ("weight", "bias"):
+            old_key = f"{prefix}0.{name}"  # the head was an nn.Sequential(conv, tanh)
+            if old_key in state_dict:
+                state_dict[f"{prefix}seg_layers.0.{name}"] = state_dict.pop(old_key)
+        # nnU-Net's pretrained loader fills what the checkpoint lacks with the network's own state_dict(),
+        # whose tensors share storage with the parameters: that is how a head absent from the file shows
+        incoming = state_dict.get(f"{prefix}seg_layers.0.weight")
+        self.loaded_from_weights = incoming is not None and incoming.data_ptr() != conv.weight.data_ptr()
+        if incoming is not None and not self.loaded_from_weights:
+            print("The loaded weights hold no SDM head (nnU-Net's output layers are not transferred): the SDM "
+                  "head starts from its initialisation", flush=True)
 
 
 class SASSNetwork(nn.Module):
@@ -33,7 +70,9 @@ class SASSNetwork(nn.Module):
     ``build_network_architecture`` receives only the number of outputs, which is classes (background included)
     or regions. With labels, channel 0 (background) is never trained nor used.
 
-    Parameter names equal those of the wrapped U-Net (``encoder.*``, ``decoder.*``) plus ``sdm_head.*``.
+    Parameter names equal those of the wrapped U-Net (``encoder.*``, ``decoder.*``) plus
+    ``sdm_head.seg_layers.0.*``, so a plain nnU-Net checkpoint loads with ``-pretrained_weights`` (see
+    :class:`SDMHead`).
     """
 
     def __init__(self, unet: nn.Module, num_sdm_channels: int):
@@ -47,11 +86,7 @@ class SASSNetwork(nn.Module):
         self.encoder = unet.encoder
         self.decoder = decoder
         final_seg_layer = decoder.seg_layers[-1]
-        conv_op = type(final_seg_layer)
-        self.sdm_head = nn.Sequential(
-            conv_op(final_seg_layer.in_channels, num_sdm_channels, kernel_size=1, bias=True),
-            nn.Tanh(),
-        )
+        self.sdm_head = SDMHead(type(final_seg_layer), final_seg_layer.in_channels, num_sdm_channels)
         self._capture_features = False
         self._features: torch.Tensor | None = None
         decoder.stages[-1].register_forward_hook(self._store_features)

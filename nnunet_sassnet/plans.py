@@ -14,14 +14,20 @@ from typing import Sequence
 __all__ = ["derive_small_plans"]
 
 
+def _resized(values: Sequence[int], length: int) -> list[int]:
+    """The first ``length`` entries of ``values``, its last entry repeated where it is shorter."""
+    values = [int(v) for v in values]
+    return (values + [values[-1]] * length)[:length]
+
+
 def derive_small_plans(preprocessed_dataset_folder: str, patch_size: Sequence[int],
                        features_per_stage: Sequence[int] = (8, 16, 32), batch_size: int = 2,
                        source_plans: str = "nnUNetPlans", target_plans: str = "nnUNetPlansSmall",
                        configuration: str = "3d_fullres") -> str:
     """Write ``<target_plans>.json`` beside ``<source_plans>.json``; return its path.
 
-    The configuration ``configuration`` gets ``patch_size``, ``batch_size`` and a PlainConvUNet with one stage
-    per entry of ``features_per_stage`` (stride 2 on every axis after the first stage, so each patch axis
+    The configuration ``configuration`` gets ``patch_size``, ``batch_size`` and its U-Net class (PlainConvUNet
+    or ResidualEncoderUNet) with one stage per entry of ``features_per_stage`` (stride 2 on every axis after the first stage, so each patch axis
     must be divisible by ``2 ** (stages - 1)``); other configurations are dropped.
     """
     source_file = os.path.join(preprocessed_dataset_folder, source_plans + ".json")
@@ -47,9 +53,13 @@ def derive_small_plans(preprocessed_dataset_folder: str, patch_size: Sequence[in
         "features_per_stage": [int(f) for f in features_per_stage],
         "kernel_sizes": [[3] * ndim for _ in range(n_stages)],
         "strides": [[1] * ndim] + [[2] * ndim for _ in range(n_stages - 1)],
-        "n_conv_per_stage": [2] * n_stages,
-        "n_conv_per_stage_decoder": [2] * (n_stages - 1),
+        "n_conv_per_stage_decoder": _resized(arch.get("n_conv_per_stage_decoder", [2]), n_stages - 1),
     })
+    # PlainConvUNet counts convolutions per encoder stage, ResidualEncoderUNet residual blocks; each class
+    # refuses the other's argument
+    for key in ("n_conv_per_stage", "n_blocks_per_stage"):
+        if key in arch:
+            arch[key] = _resized(arch[key], n_stages)
     plans["configurations"] = {configuration: config}
     plans["plans_name"] = target_plans
     target_file = os.path.join(preprocessed_dataset_folder, target_plans + ".json")

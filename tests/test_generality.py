@@ -33,6 +33,7 @@ def multi_dataset(tmp_path_factory):
     return info
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("configuration,trainer", [("3d_fullres", "nnUNetTrainerSASSNet_smoke"),
                                                    ("2d", "nnUNetTrainerSASSNet_smoke"),
                                                    ("3d_fullres", "nnUNetTrainerSDM_smoke"),
@@ -44,7 +45,7 @@ def test_train_and_predict_multiclass_multichannel(multi_dataset, configuration,
     run(["nnUNetv2_train", "991", configuration, "0", "-tr", trainer, "-p", SMALL_PLANS, "-device", "cpu"], env)
     fold = root / "results" / name / f"{trainer}__{SMALL_PLANS}__{configuration}" / "fold_0"
     checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    head = checkpoint["network_weights"]["sdm_head.0.weight"]
+    head = checkpoint["network_weights"]["sdm_head.seg_layers.0.weight"]
     assert head.shape[:2] == (3, 8)  # one SDM channel per output (background unused), 8 decoder features
     assert head.ndim == (4 if configuration == "2d" else 5)
     if trainer.startswith("nnUNetTrainerSASSNet"):
