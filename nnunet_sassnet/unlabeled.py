@@ -6,7 +6,14 @@ with the plan's own preprocessor (cropping, resampling, normalisation identical 
 ``nnUNet_preprocessed/DatasetXXX_Name/<data_identifier>_unlabeled/``: beside nnU-Net's folder, never inside
 it, because nnU-Net wipes ``<data_identifier>/`` when it preprocesses again and treats every case in it as a
 labeled training case. A stamp file there records a hash of what the data was made from, so a change of
-plans, dataset.json or input files is detected.
+plans, dataset.json or input files is detected, and the size of every file written, so a damaged (truncated)
+case is detected and preprocessed again.
+
+Several runs (the folds of a dataset trained at once, DDP ranks, a user adding scans while a fold trains) share
+that folder, so it is a :class:`~nnunet_sassnet.versioned_folder.VersionedFolder`: ``<data_identifier>_unlabeled``
+is a link to ``<data_identifier>_unlabeled_versions/<version>``. One process preprocesses while the others wait
+for it; a new version is swapped in whole; a training run leases the version it reads, which is kept until no
+run uses it. The trainer calls :func:`ensure_preprocessed` and :func:`make_unlabeled_loader`, nothing else.
 
 A preprocessed unlabeled case is an ordinary nnU-Net (blosc2) case whose "segmentation" holds only the
 nonzero mask (-1 outside, 0 inside; nnU-Net's mask-based normalisation reads it) and whose
@@ -15,6 +22,8 @@ nonzero mask (-1 outside, 0 inside; nnU-Net's mask-based normalisation reads it)
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -22,26 +31,33 @@ import os
 import re
 import shutil
 import sys
-import tempfile
+from dataclasses import dataclass
 from time import sleep
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from nnunet_sassnet.errors import UserInputError, run_cli
+from nnunet_sassnet.versioned_folder import Lease, VersionedFolder
 
 UNLABELED_IMAGES_FOLDER = "imagesUnlabeled"
 STAMP_FILE = "sassnet_unlabeled_stamp.json"
 
 __all__ = [
     "UNLABELED_IMAGES_FOLDER", "STAMP_FILE", "unlabeled_preprocessed_folder", "list_unlabeled_cases",
-    "compute_stamp", "unlabeled_data_is_current", "preprocess_unlabeled", "preprocess_unlabeled_entry",
+    "compute_stamp", "unlabeled_data_is_current", "UnlabeledData", "ensure_preprocessed", "make_unlabeled_loader",
+    "preprocess_unlabeled", "preprocess_unlabeled_entry",
 ]
+
+#: the files nnU-Net's blosc2 dataset keeps per case
+CASE_FILE_SUFFIXES = (".b2nd", "_seg.b2nd", ".pkl")
+#: below this much free space, a failed write is taken for a full disk (blosc2 reports one without errno)
+_FULL_DISK_BYTES = 16 * 1024 ** 2
 
 
 def unlabeled_preprocessed_folder(preprocessed_dataset_folder_base: str, data_identifier: str) -> str:
-    """``nnUNet_preprocessed/DatasetXXX/<data_identifier>_unlabeled``."""
+    """``nnUNet_preprocessed/DatasetXXX/<data_identifier>_unlabeled`` (a link to the current version)."""
     return os.path.join(preprocessed_dataset_folder_base, data_identifier + "_unlabeled")
 
 
@@ -170,20 +186,35 @@ def _preprocess_one_case(output_filename_truncated: str, image_files: list[str],
                                   chunks_seg=chunks_seg, blocks_seg=blocks_seg)
 
 
-def preprocess_unlabeled(dataset_name_or_id: str | int, configuration: str = "3d_fullres",
-                         plans_identifier: str = "nnUNetPlans", num_processes: int = 4,
-                         progress: bool = True, force: bool = False, log=print) -> str:
-    """Preprocess ``imagesUnlabeled`` with the dataset's plans; return the output folder.
+@dataclass
+class UnlabeledData:
+    """Preprocessed unlabeled data ready to read: the version folder and, for a training run, its lease."""
 
-    Skips the work when the stamp says the folder is current (unless ``force``). Writes into a temporary
-    folder and moves it into place only when every case succeeded, so a failure leaves the previous data
-    untouched.
-    """
+    folder: str
+    num_cases: int
+    store: VersionedFolder
+    lease: Lease | None = None
+
+    def release(self) -> None:
+        """End the lease and delete the versions that no run uses any more (if no one is writing just now)."""
+        if self.lease is None:
+            return
+        self.lease.release()
+        self.lease = None
+        with self.store.writer_lock(blocking=False) as locked:
+            if locked:
+                self.store.remove_unused()
+
+
+def _load_dataset(dataset_name_or_id: str | int, configuration: str, plans_identifier: str
+                  ) -> tuple[str, str, dict, dict]:
+    """The raw folder, the preprocessed folder, the plans and dataset.json of a planned dataset."""
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     if not nnUNet_raw.is_set() or not nnUNet_preprocessed.is_set():
-        raise UserInputError("nnUNet_raw and nnUNet_preprocessed must be set (see nnU-Net's "
+        raise UserInputError("nnUNet_raw and nnUNet_preprocessed must be set: the unlabeled scans are read from "
+                             f"nnUNet_raw/DatasetXXX/{UNLABELED_IMAGES_FOLDER} (see nnU-Net's "
                              "documentation/setting_up_paths.md)")
     try:
         dataset_name = maybe_convert_to_dataset_name(dataset_name_or_id)
@@ -207,33 +238,198 @@ def preprocess_unlabeled(dataset_name_or_id: str | int, configuration: str = "3d
                              f"{dataset_name_or_id} first")
     with open(dataset_json_file) as f:
         dataset_json = json.load(f)
+    return raw_folder, base, plans, dataset_json
 
+
+def ensure_preprocessed(dataset_name_or_id: str | int, configuration: str = "3d_fullres",
+                        plans_identifier: str = "nnUNetPlans", num_processes: int = 4, *, force: bool = False,
+                        lease: bool = True, progress: bool = True, log: Callable[[str], None] = print
+                        ) -> UnlabeledData:
+    """Current, complete preprocessed unlabeled data for the dataset's plans; preprocess what is missing.
+
+    Under the writer lock (other processes wait and ``log`` says so): delete what interrupted runs left and the
+    versions no run uses; preprocess every case into a new version when there is none, when it was made from
+    other plans, dataset.json or images, or with ``force``; preprocess again the cases whose files are damaged
+    (missing or another size than written). With ``lease``, the returned version is kept until
+    :meth:`UnlabeledData.release` or the end of the process, whatever replaces it meanwhile.
+    """
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    plans_manager = PlansManager(plans)
-    configuration_manager = plans_manager.get_configuration(configuration)
+    raw_folder, base, plans, dataset_json = _load_dataset(dataset_name_or_id, configuration, plans_identifier)
+    data_identifier = PlansManager(plans).get_configuration(configuration).data_identifier
     cases = list_unlabeled_cases(raw_folder, dataset_json)
-    output_folder = unlabeled_preprocessed_folder(base, configuration_manager.data_identifier)
     stamp = compute_stamp(plans, configuration, dataset_json, cases)
-    if not force and unlabeled_data_is_current(output_folder, stamp):
-        log(f"Unlabeled data in {output_folder} is up to date ({len(cases)} cases)")
-        return output_folder
+    store = VersionedFolder(unlabeled_preprocessed_folder(base, data_identifier))
+    build = _Builder(cases, plans, configuration, plans_identifier, dataset_json, stamp, num_processes, progress)
+    with store.writer_lock(on_wait=lambda why: log(f"Unlabeled data: {why}")):
+        if store.adopt_plain_folder() is not None:
+            log(f"Unlabeled data: moved {store.path} (written by an earlier version of nnunet_sassnet) into "
+                f"{store.versions_dir}")
+        _report_removed(store, log)
+        folder = store.current()
+        if force or folder is None or not unlabeled_data_is_current(folder, stamp):
+            reason = "to be replaced (--force)" if force else \
+                "missing or was made from other plans, dataset.json or images"
+            log(f"Unlabeled data in {store.path} is {reason}: preprocessing {len(cases)} unlabeled cases now")
+            build_folder = store.new_build_folder()
+            try:
+                with _full_disk_as_user_error(build_folder, store.path):
+                    build.run(cases, build_folder)
+                    build.write_stamp(build_folder, cases)
+                    folder = store.publish(build_folder, stamp[:16])
+            finally:
+                if os.path.isdir(build_folder):
+                    shutil.rmtree(build_folder, ignore_errors=True)
+            log(f"Preprocessed {len(cases)} unlabeled cases into {folder}")
+        else:
+            damaged = _damaged_cases(folder, cases)
+            if damaged:
+                log(f"Unlabeled data in {folder}: damaged {'; '.join(damaged.values())}: preprocessing "
+                    f"{len(damaged)} case(s) again")
+                _repair(store, build, folder, {case: cases[case] for case in damaged})
+            else:
+                log(f"Unlabeled data in {folder} is up to date ({len(cases)} cases)")
+        held = store.lease(folder) if lease else None
+        _report_removed(store, log)  # the version just replaced, unless a run still reads it
+    return UnlabeledData(folder=folder, num_cases=len(cases), store=store, lease=held)
 
-    os.makedirs(base, exist_ok=True)
-    tmp_folder = tempfile.mkdtemp(prefix=".tmp_" + os.path.basename(output_folder) + "_", dir=base)
+
+def _report_removed(store: VersionedFolder, log: Callable[[str], None]) -> None:
+    orphans, removed = store.remove_unused()
+    if orphans:
+        log(f"Unlabeled data: removed {len(orphans)} unfinished folder(s) left by an interrupted preprocessing "
+            f"run in {store.versions_dir}: {', '.join(orphans)}")
+    if removed:
+        log(f"Unlabeled data: removed {len(removed)} older version(s) that no run uses any more: "
+            f"{', '.join(removed)}")
+
+
+@dataclass
+class _Builder:
+    """What preprocessing the unlabeled cases needs, and the stamp file it writes."""
+
+    cases: dict[str, list[str]]
+    plans: dict
+    configuration: str
+    plans_identifier: str
+    dataset_json: dict
+    stamp: str
+    num_processes: int
+    progress: bool
+
+    def run(self, cases: dict[str, list[str]], folder: str) -> None:
+        _run_cases(cases, folder, self.plans, self.configuration, self.dataset_json, self.num_processes,
+                   self.progress)
+
+    def write_stamp(self, folder: str, cases: dict[str, list[str]]) -> None:
+        """The stamp and the size of every case file, written last (atomically): a folder with a stamp is complete."""
+        files = {case + suffix: os.path.getsize(os.path.join(folder, case + suffix))
+                 for case in sorted(cases) for suffix in CASE_FILE_SUFFIXES}
+        content = {"stamp": self.stamp, "plans_identifier": self.plans_identifier,
+                   "configuration": self.configuration, "num_cases": len(cases), "files": files}
+        tmp = os.path.join(folder, "." + STAMP_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(content, f, indent=2)
+        os.replace(tmp, os.path.join(folder, STAMP_FILE))
+
+
+def _damaged_cases(folder: str, cases: dict[str, list[str]]) -> dict[str, str]:
+    """Case -> what is wrong with its files, against the sizes the stamp file recorded."""
+    with open(os.path.join(folder, STAMP_FILE)) as f:
+        sizes = json.load(f).get("files")
+    if sizes is None:  # written before sizes were recorded: nothing to compare with
+        return {}
+    damaged = {}
+    for case in sorted(cases):
+        for suffix in CASE_FILE_SUFFIXES:
+            name = case + suffix
+            path = os.path.join(folder, name)
+            size = os.path.getsize(path) if os.path.isfile(path) else None
+            if size != sizes.get(name):
+                found = "missing" if size is None else f"{size} bytes"
+                damaged[case] = f"case {case} ({name}: {found}, {sizes.get(name)} bytes written)"
+                break
+    return damaged
+
+
+def _repair(store: VersionedFolder, build: _Builder, folder: str, cases: dict[str, list[str]]) -> None:
+    """Preprocess ``cases`` again and put their files into ``folder``, one atomic rename per file."""
+    build_folder = store.new_build_folder()
     try:
-        _run_cases(cases, tmp_folder, plans, configuration, dataset_json, num_processes, progress)
-        with open(os.path.join(tmp_folder, STAMP_FILE), "w") as f:
-            json.dump({"stamp": stamp, "plans_identifier": plans_identifier, "configuration": configuration,
-                       "num_cases": len(cases)}, f, indent=2)
-        if os.path.isdir(output_folder):
-            shutil.rmtree(output_folder)
-        os.replace(tmp_folder, output_folder)
+        with _full_disk_as_user_error(build_folder, store.path):
+            build.run(cases, build_folder)
+            # a run reading the version meanwhile opens the old file or the new one, never a partial one
+            for name in os.listdir(build_folder):
+                os.replace(os.path.join(build_folder, name), os.path.join(folder, name))
+            build.write_stamp(folder, build.cases)
     finally:
-        if os.path.isdir(tmp_folder):
-            shutil.rmtree(tmp_folder, ignore_errors=True)
-    log(f"Preprocessed {len(cases)} unlabeled cases into {output_folder}")
-    return output_folder
+        shutil.rmtree(build_folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _full_disk_as_user_error(build_folder: str, target: str) -> Iterator[None]:
+    """Turn a write that failed for lack of space into one clear line (the caller removes ``build_folder``)."""
+    try:
+        yield
+    except UserInputError:
+        raise
+    except Exception as e:
+        full = any(isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT) for x in _chain(e))
+        try:
+            free = shutil.disk_usage(build_folder).free
+        except OSError:
+            free = None
+        # blosc2 reports a failed write as a RuntimeError without errno: judge by the space left
+        if not full and (free is None or free >= _FULL_DISK_BYTES):
+            raise
+        written = sum(os.path.getsize(os.path.join(build_folder, n)) for n in os.listdir(build_folder)) \
+            if os.path.isdir(build_folder) else 0
+        raise UserInputError(
+            f"{os.path.dirname(target)}: no space left on the device while preprocessing the unlabeled cases "
+            f"({written / 1024 ** 2:.1f} MiB written, {(free or 0) / 1024 ** 2:.1f} MiB free); the previous "
+            f"unlabeled data is unchanged and the unfinished folder is removed. Free some space and run again"
+        ) from e
+
+
+def _chain(e: BaseException) -> Iterator[BaseException]:
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def preprocess_unlabeled(dataset_name_or_id: str | int, configuration: str = "3d_fullres",
+                         plans_identifier: str = "nnUNetPlans", num_processes: int = 4,
+                         progress: bool = True, force: bool = False, log=print) -> str:
+    """Preprocess ``imagesUnlabeled`` with the dataset's plans (see :func:`ensure_preprocessed`).
+
+    Returns ``<data_identifier>_unlabeled``, the link to the current version. Nothing is done when the data is
+    current and complete (unless ``force``); a failure leaves the previous data untouched.
+    """
+    return ensure_preprocessed(dataset_name_or_id, configuration, plans_identifier, num_processes, force=force,
+                               lease=False, progress=progress, log=log).store.path
+
+
+def make_unlabeled_loader(folder: str, batch_size: int, initial_patch_size, patch_size, label_manager,
+                          transforms, num_processes: int, pin_memory: bool):
+    """nnU-Net's own loader and augmenter over the unlabeled cases in ``folder``: random patches, no
+    foreground oversampling (there is no foreground); ``num_processes`` 0 augments in this process."""
+    from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+    from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+    dataset = nnUNetDatasetBlosc2(folder)
+    loader = nnUNetDataLoader(dataset, batch_size, initial_patch_size, patch_size, label_manager,
+                              oversample_foreground_percent=0.0, transforms=transforms)
+    if num_processes == 0:
+        augmenter = SingleThreadedAugmenter(loader, None)
+    else:
+        # half of nnU-Net's augmentation processes: the labeled stream keeps its own
+        augmenter = NonDetMultiThreadedAugmenter(
+            data_loader=loader, transform=None, num_processes=max(1, num_processes // 2),
+            num_cached=max(3, num_processes // 4), seeds=None, pin_memory=pin_memory, wait_time=0.002)
+    next(augmenter)  # start the workers now, as nnU-Net does for its loaders
+    return augmenter
 
 
 def _run_cases(cases: dict[str, list[str]], folder: str, plans: dict, configuration: str, dataset_json: dict,

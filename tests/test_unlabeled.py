@@ -153,7 +153,7 @@ def test_bad_input_is_refused_and_nothing_is_written(dataset_copy, case):
     assert_refused(result, *fragments)
     assert sorted(p.name for p in unlabeled_folder(ds).iterdir()) == before
     assert (unlabeled_folder(ds) / "sassnet_unlabeled_stamp.json").read_text() == stamp
-    assert not [p for p in ds["pre"].iterdir() if p.name.startswith(".tmp")]
+    assert not [p for p in ds["pre"].rglob(".tmp*")]
 
 
 def test_no_plans_yet_is_refused(dataset_copy):
