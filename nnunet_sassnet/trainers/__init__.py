@@ -3,11 +3,19 @@
 * :class:`nnUNetTrainerSDM` (``sdm_trainer``): nnU-Net + SDM head + ``alpha * MSE(SDM)``, labeled patches only.
 * :class:`nnUNetTrainerSemiSupervised` (``semisupervised``): the shared labeled + unlabeled step.
 * :class:`nnUNetTrainerSASSNet` (``sassnet``): SASSNet's adversarial shape constraint.
+* :class:`nnUNetTrainerDTC`, :class:`nnUNetTrainerDTCSASSNet` (``dtc``): dual-task consistency between the
+  segmentation and the SDM head (without / with SASSNet's discriminator).
+* :class:`nnUNetTrainerMeanTeacher` (``mean_teacher``): an EMA teacher's predictions on unlabeled patches.
+* :class:`nnUNetTrainerBCP` (``bcp``): bidirectional copy-paste between labeled and unlabeled patches.
 """
 from nnunet_sassnet.trainers.sassnet import nnUNetTrainerSASSNet, random_patch_indices
 from nnunet_sassnet.trainers.sdm_trainer import NonFiniteLossError, nnUNetTrainerSDM, sdm_channel_slice
 from nnunet_sassnet.trainers.semisupervised import CHECKPOINT_KEY, gaussian_rampup, nnUNetTrainerSemiSupervised
 from nnunet_sassnet.trainers.variant_factory import trainer_variant
+from nnunet_sassnet.trainers.bcp import nnUNetTrainerBCP
+from nnunet_sassnet.trainers.dtc import nnUNetTrainerDTC, nnUNetTrainerDTCSASSNet
+from nnunet_sassnet.trainers.mean_teacher import nnUNetTrainerMeanTeacher
 
 __all__ = ["nnUNetTrainerSDM", "nnUNetTrainerSemiSupervised", "nnUNetTrainerSASSNet", "NonFiniteLossError",
-           "gaussian_rampup", "trainer_variant", "sdm_channel_slice", "random_patch_indices", "CHECKPOINT_KEY"]
+           "gaussian_rampup", "trainer_variant", "sdm_channel_slice", "random_patch_indices", "CHECKPOINT_KEY",
+           "nnUNetTrainerDTC", "nnUNetTrainerDTCSASSNet", "nnUNetTrainerMeanTeacher", "nnUNetTrainerBCP"]

@@ -112,7 +112,11 @@ class nnUNetTrainerSASSNet(nnUNetTrainerSemiSupervised):
             raise ValueError(
                 f"{self.__class__.__name__}: with probabilistic_oversampling the randomly cropped labeled patches "
                 f"are not known; set discriminator_labeled_patches = 'all' or turn probabilistic_oversampling off")
+        # under DDP, batch size and oversampling are this rank's share (nnU-Net splits both): a rank may hold
+        # only foreground-centred labeled patches, and its D step then sees unlabeled patches only
         indices = random_patch_indices(self.batch_size, self.oversample_foreground_percent)
+        if not indices and self.is_ddp:
+            return slice(0, 0)
         if not indices:
             raise ValueError(
                 f"{self.__class__.__name__}: every labeled patch is centred on foreground (batch size "
@@ -171,9 +175,10 @@ class nnUNetTrainerSASSNet(nnUNetTrainerSemiSupervised):
         num_positive = labeled.stop - labeled.start
         self.discriminator_optimizer.zero_grad(set_to_none=True)
         logits = self._discriminate(self.discriminator, sdm, images)
-        loss_labeled = F.binary_cross_entropy_with_logits(logits[:num_positive], torch.ones_like(logits[:num_positive]))
         loss_unlabeled = F.binary_cross_entropy_with_logits(logits[num_positive:],
                                                             torch.zeros_like(logits[num_positive:]))
+        loss_labeled = F.binary_cross_entropy_with_logits(logits[:num_positive], torch.ones_like(
+            logits[:num_positive])) if num_positive else torch.zeros_like(loss_unlabeled)
         disc_loss = 0.5 * (loss_labeled + loss_unlabeled)
         self.discriminator_grad_scaler.scale(disc_loss).backward()
         self.discriminator_grad_scaler.step(self.discriminator_optimizer)

@@ -23,7 +23,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunet_sassnet.errors import install_excepthook
-from nnunet_sassnet.networks import SASSNetwork
+from nnunet_sassnet.networks import SASSNetwork, unwrap_module
 from nnunet_sassnet.progress import SASSNetLocalLogger
 from nnunet_sassnet.sdm import signed_distance_maps
 
@@ -122,6 +122,16 @@ class nnUNetTrainerSDM(nnUNetTrainer):
             self.grad_scaler = torch.GradScaler("cpu")
         # consecutive skipped steps per network, kept on the device: reading them costs no extra sync
         self._consecutive_skips = {name: torch.zeros((), device=self.device) for name in self.updated_networks}
+
+    def on_train_start(self):
+        super().on_train_start()
+        if unwrap_module(self.network).sdm_head.loaded_from_weights is False:
+            # -pretrained_weights from another trainer's checkpoint (nnU-Net loads them before training starts)
+            fresh = "the SDM head and the discriminator start" if getattr(self, "discriminator", None) is not None \
+                else "the SDM head starts"
+            self.print_to_log_file(
+                f"The loaded weights held no SDM head (e.g. an nnUNetTrainer checkpoint given as -pretrained_weights): "
+                f"the U-Net was loaded; {fresh} from initialisation", also_print_to_console=False)
 
     # ---- one training step --------------------------------------------------------------------------------
     def _autocast(self):

@@ -18,18 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 
 import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
-from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from torch import distributed as dist
 
-from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
-from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
-from nnunet_sassnet.errors import UserInputError
 from nnunet_sassnet.networks import unwrap_module
 from nnunet_sassnet.trainers.sdm_trainer import nnUNetTrainerSDM
 from nnunet_sassnet.unlabeled import ensure_preprocessed, make_unlabeled_loader, unlabeled_preprocessed_folder
@@ -77,6 +72,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainerSDM):
         #: training iterations done so far: the t of the ramp; continues on resume
         self.current_iteration = 0
         self.dataloader_unlabeled = None
+        #: the lease on the unlabeled data's version this run reads (rank 0; see :func:`ensure_preprocessed`)
+        self._unlabeled_data = None
         self.unlabeled_preprocessed_folder = unlabeled_preprocessed_folder(
             self.preprocessed_dataset_folder_base, self.configuration_manager.data_identifier) \
             if self.preprocessed_dataset_folder_base is not None else None
@@ -133,9 +130,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainerSDM):
         if isinstance(self.dataloader_unlabeled, NonDetMultiThreadedAugmenter):
             self.dataloader_unlabeled._finish()
         # the version read is no longer needed: a newer one may now replace it on disk
-        unlabeled_data = getattr(self, "_unlabeled_data", None)
-        if unlabeled_data is not None:
-            unlabeled_data.release()
+        if self._unlabeled_data is not None:
+            self._unlabeled_data.release()
 
     # ---- one training step --------------------------------------------------------------------------------
     def unlabeled_loss(self, seg_output, sdm_output: torch.Tensor, data: torch.Tensor, num_labeled: int
