@@ -14,6 +14,7 @@ LOSS_CURVES = {
     "gen_losses": "generator (-log D)",
     "disc_losses": "discriminator (BCE)",
     "unlabeled_losses": "unlabeled term",
+    "dtc_losses": "DTC consistency (MSE)",
 }
 ACCURACY_CURVES = {
     "disc_acc_labeled": "D accuracy, labeled",

@@ -37,12 +37,14 @@ def quick_demo(tmp_path_factory) -> dict:
     return {"result": result, "cwd": cwd, "workdirs": workdirs, "user_folders": user_folders}
 
 
+@pytest.mark.slow
 def test_quick_demo_writes_only_into_a_new_default_workdir(quick_demo):
     workdirs = quick_demo["workdirs"]
     assert len(workdirs) == 1 and workdirs[0].name.startswith("nnunet_sassnet_demo_")
     assert not quick_demo["user_folders"].exists()
 
 
+@pytest.mark.slow
 def test_quick_demo_prints_one_line_per_stage_and_the_summary(quick_demo):
     stdout = quick_demo["result"].stdout
     stage_lines = [line for line in stdout.splitlines() if line.startswith("[")]
@@ -57,6 +59,7 @@ def test_quick_demo_prints_one_line_per_stage_and_the_summary(quick_demo):
     assert "Where everything is:" in stdout
 
 
+@pytest.mark.slow
 def test_quick_demo_runs_every_stage_on_real_files(quick_demo):
     workdir = quick_demo["workdirs"][0]
     data = config.DATA

@@ -46,6 +46,7 @@ def training_patches(label: np.ndarray, size=(112, 112, 80)):
     return label[centred], label[corner]
 
 
+@pytest.mark.needs_la_data(LA_H5)
 def test_equals_published_definition_on_real_la_masks():
     checked = 0
     for case, label in la_masks():
@@ -58,6 +59,7 @@ def test_equals_published_definition_on_real_la_masks():
     assert checked == 36
 
 
+@pytest.mark.needs_la_data(LA_H5)
 def test_torch_implementation_equals_published_definition_on_real_la_masks():
     patches = [training_patches(label)[0] for _, label in la_masks()][:4]
     batch = torch.from_numpy(np.stack(patches))

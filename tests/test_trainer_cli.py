@@ -6,12 +6,14 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 
 from conftest import SMALL_PLANS, run, training_environment
 
 
+@pytest.mark.slow
 def test_train_and_predict_through_stock_cli(tiny_dataset, tmp_path):
     env = training_environment(tiny_dataset["env"])
     root, name = tiny_dataset["root"], tiny_dataset["dataset_name"]
