@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import SMALL_PLANS, run, training_environment
+from conftest import SMALL_PLANS, run
 from synthetic import write_image
 
 
