@@ -64,7 +64,7 @@ def prepare_la_dataset(workdir: Path, data_dir: Path, dataset_id: int, labeled: 
         nnunet_tool("nnUNetv2_plan_and_preprocess", ["-d", str(dataset_id), "-c", "3d_fullres", "--no_pp"],
                     plan_env, logs / f"plan_{dataset_id}.log")
         name = next(p.name for p in (workdir / "preprocessed").iterdir() if p.name.startswith(f"Dataset{dataset_id}"))
-        derive_small_plans(str(workdir / "preprocessed" / name), (32, 32, 32), features_per_stage=(8, 16, 32),
+        derive_small_plans(str(workdir / "preprocessed" / name), (16, 16, 16), features_per_stage=(8, 16, 32),
                            target_plans="nnUNetPlansSmall")
         plans = "nnUNetPlansSmall"
         nnunet_tool("nnUNetv2_preprocess", ["-d", str(dataset_id), "-plans_name", plans, "-c", "3d_fullres",

@@ -9,7 +9,11 @@
 #   bash benchmarks/lent_gpu.sh queue        # second GPU call: carry .whl2 and .gpu/la_work (not la_lite); the
 #                                            # next runs of benchmarks/queue_la8.json within QUEUE_LIMIT
 #                                            # seconds (default 480)
-#   bash benchmarks/lent_gpu.sh speed        # carry .whl2 and .gpu: training/inference speed (train_speed.py)
+#   bash benchmarks/lent_gpu.sh prepare-speed   # HERE: 12 lite scans and the 12 full-resolution scans into
+#                                            # .gpu/speed (about 32 MiB)
+#   bash benchmarks/lent_gpu.sh speed        # carry .whl2 and .gpu/speed: training/inference speed at the
+#                                            # 1.25 mm plan, then at the native 0.625 mm plan with the epoch
+#                                            # wall time of 250 iterations with loaders (train_speed.py)
 #
 # After `queue`, copy $OUT/semisup_ledger.jsonl and $OUT/semisup_results.md over docs/ here: the ledger only
 # grows (every run of the call appended, the moment it ended), and the tables are regenerated from it.
@@ -31,6 +35,22 @@ case "${1:-}" in
     # the first trainings, which do not need them, run); the preparation's logs are not needed there either
     rm -rf .gpu/la_work/runs .gpu/la_work/cache .gpu/la_work/tmp .gpu/la_work/nnUNet_preprocessed/*/*_unlabeled*
     du -sh --apparent-size .gpu/la_work .gpu/la_work/nnUNet_raw .gpu/la_work/nnUNet_preprocessed ;;
+  prepare-speed)
+    # the speed runs need 12 scans of each resolution, not the 80 of la_lite (carry limit 64 MiB with .whl2)
+    rm -rf .gpu/speed && mkdir -p .gpu/speed/lite .gpu/speed/h5
+    python3 - <<'PY' || exit $?
+import shutil
+from pathlib import Path
+from benchmarks.bench_common import present_training_cases
+for source, target in (("../shared/data/la2018_uamt_lite_1.25mm", ".gpu/speed/lite"),
+                       ("../shared/data/la2018_uamt_h5", ".gpu/speed/h5")):
+    for case in present_training_cases(Path(source))[:12]:
+        (scan,) = Path(source).rglob(f"{case}/mri_norm2.h5")
+        dest = Path(target) / scan.relative_to(source)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(scan, dest)
+PY
+    du -sh --apparent-size .gpu/speed/* ;;
   install1)
     install .whl1 && python3 -c "import SimpleITK; print('SimpleITK', SimpleITK.Version())" ;;
   speed)
@@ -39,13 +59,18 @@ case "${1:-}" in
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
     python3 -c "import torch, nnunetv2; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
     git log -1 --format=%H 2>/dev/null | tee -a "$OUT/gpu.txt"
-    nnUNet_compile=t nnUNet_n_proc_DA=8 timeout "${SPEED_TIMEOUT:-330}" python3 benchmarks/train_speed.py --device cuda \
-        --data .gpu/la_lite --workdir /tmp/speed --output "$OUT/train_speed.json" --warmup 8 --steps 25 \
-        > "$OUT/speed.log" 2>&1
-    echo "train_speed exit $?"; grep -E "^(target|nnUNetTrainer|synchron|NVIDIA|cpu|written)" "$OUT/speed.log"
-    tail -5 "$OUT/speed.log"
-    python3 benchmarks/sdm_speed.py --device cuda --data .gpu/la_lite --output "$OUT/sdm_speed.json" \
-        > "$OUT/sdm_speed.log" 2>&1; echo "sdm_speed exit $?"; tail -12 "$OUT/sdm_speed.log" ;;
+    # 1.25 mm plan (target 1 at <= 1.3), then the native 0.625 mm plan users train (<= 1.15, and target 6:
+    # 250 iterations with the real loaders at nnU-Net's default worker count and at 8)
+    nnUNet_compile=t nnUNet_n_proc_DA=8 timeout "${SPEED_TIMEOUT:-200}" python3 benchmarks/train_speed.py --device cuda \
+        --data .gpu/speed/lite --workdir /tmp/speed --output "$OUT/train_speed_1.25mm.json" --warmup 8 --steps 25 \
+        --step-mark 1.3 > "$OUT/speed_1.25mm.log" 2>&1
+    echo "train_speed 1.25 mm exit $?"; grep -E "^(target|nnUNetTrainer|synchron|epoch|NVIDIA|cpu|written)" "$OUT/speed_1.25mm.log"
+    nnUNet_compile=t nnUNet_n_proc_DA=8 timeout "${SPEED_TIMEOUT_FULL:-330}" python3 benchmarks/train_speed.py \
+        --device cuda --data .gpu/speed/h5 --spacing 0.625 --workdir /tmp/speed_full \
+        --output "$OUT/train_speed_0.625mm.json" --warmup 8 --steps 20 --step-mark 1.15 \
+        --epoch-iterations "${EPOCH_ITERATIONS:-250}" --epoch-workers default,8 > "$OUT/speed_0.625mm.log" 2>&1
+    echo "train_speed 0.625 mm exit $?"; grep -E "^(target|nnUNetTrainer|synchron|epoch|NVIDIA|cpu|written)" "$OUT/speed_0.625mm.log"
+    tail -5 "$OUT/speed_0.625mm.log" ;;
   queue)
     export PYTHONPATH=/tmp/site:$PWD
     [ -d .whl2 ] && install .whl2
@@ -59,5 +84,5 @@ case "${1:-}" in
         --ledger "$OUT/semisup_ledger.jsonl" --results-doc "$OUT/semisup_results.md" \
         --output "$OUT/la_semisup_call.json" "$@" > "$OUT/queue.log" 2>&1
     echo "la_semisup exit $?"; tail -40 "$OUT/queue.log" ;;
-  *) echo "usage: $0 prepare|install1|queue|speed [ARGS]"; exit 2 ;;
+  *) echo "usage: $0 prepare|prepare-speed|install1|queue|speed [ARGS]"; exit 2 ;;
 esac

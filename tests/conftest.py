@@ -74,6 +74,24 @@ def tiny_dataset(tmp_path_factory) -> dict:
     return plan_tiny_dataset(tmp_path_factory.mktemp("nnunet"), 990, n_labeled=5, n_unlabeled=4, n_test=2)
 
 
+SMOKE_TRAINER = "nnUNetTrainerSASSNet_smoke"
+
+
+@pytest.fixture(scope="session")
+def sassnet_fold0(tiny_dataset) -> dict:
+    """``nnUNetv2_train 990 3d_fullres 0 -tr nnUNetTrainerSASSNet_smoke`` on the tiny dataset, once per session.
+
+    The command-line test checks this training; the export test starts from its model (a training costs
+    about a minute on two cores).
+    """
+    env = training_environment(tiny_dataset["env"])
+    train = run(["nnUNetv2_train", "990", "3d_fullres", "0", "-tr", SMOKE_TRAINER, "-p", SMALL_PLANS,
+                 "-device", "cpu"], env)
+    model = tiny_dataset["root"] / "results" / tiny_dataset["dataset_name"] / \
+        f"{SMOKE_TRAINER}__{SMALL_PLANS}__3d_fullres"
+    return {"stdout": train.stdout, "model": model, "trainer": SMOKE_TRAINER}
+
+
 @pytest.fixture()
 def nnunet_paths(tiny_dataset, monkeypatch):
     """Point this process's nnU-Net at the tiny dataset's folders (for in-process trainers)."""

@@ -2,6 +2,7 @@
 plain nnU-Net: the same segmentation, voxel for voxel, where this package cannot be imported."""
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -62,14 +63,18 @@ def read_segmentations(folder: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def sassnet_model(tiny_dataset, tmp_path_factory) -> dict:
-    """Two folds of a tiny SASSNet model in their own nnUNet_results, and each fold's test predictions."""
+def sassnet_model(tiny_dataset, sassnet_fold0, tmp_path_factory) -> dict:
+    """Two folds of a tiny SASSNet model in their own nnUNet_results, and each fold's test predictions.
+
+    Fold 0 is the session's shared training (conftest.sassnet_fold0), copied; fold 1 is trained here with --npz.
+    """
     root = tmp_path_factory.mktemp("export")
     env = {**training_environment(tiny_dataset["env"]), "nnUNet_results": str(root / "results")}
     name = tiny_dataset["dataset_name"]
-    for fold, extra in (("0", []), ("1", ["--npz"])):
-        run(["nnUNetv2_train", "990", "3d_fullres", fold, "-tr", TRAINER, "-p", SMALL_PLANS, "-device", "cpu",
-             *extra], env)
+    assert sassnet_fold0["trainer"] == TRAINER
+    shutil.copytree(sassnet_fold0["model"], root / "results" / name / sassnet_fold0["model"].name)
+    run(["nnUNetv2_train", "990", "3d_fullres", "1", "-tr", TRAINER, "-p", SMALL_PLANS, "-device", "cpu", "--npz"],
+        env)
     images = tiny_dataset["root"] / "raw" / name / "imagesTs"
     predictions = {}
     for fold in ("0", "1"):

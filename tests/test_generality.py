@@ -34,32 +34,61 @@ def multi_dataset(tmp_path_factory):
 
 
 @pytest.mark.slow
-# SASSNet runs every part of the SDM trainer (head, SDM targets, loss) plus its own; the SDM trainer's CLI path
-# is trained, resumed and predicted in tests/test_pretrained_resenc.py
-@pytest.mark.parametrize("configuration,trainer", [("3d_fullres", "nnUNetTrainerSASSNet_smoke"),
-                                                   ("2d", "nnUNetTrainerSASSNet_smoke")])
-def test_train_and_predict_multiclass_multichannel(multi_dataset, configuration, trainer, tmp_path):
+def test_train_and_predict_multiclass_multichannel_through_the_cli(multi_dataset, tmp_path):
+    # SASSNet runs every part of the SDM trainer (head, SDM targets, loss) plus its own
+    trainer = "nnUNetTrainerSASSNet_smoke"
     env = training_environment(multi_dataset["env"])
     root, name = multi_dataset["root"], multi_dataset["dataset_name"]
     # fold 0: nnU-Net's final validation predicts 1 case instead of all 5 (fold "all")
-    run(["nnUNetv2_train", "991", configuration, "0", "-tr", trainer, "-p", SMALL_PLANS, "-device", "cpu"], env)
-    fold = root / "results" / name / f"{trainer}__{SMALL_PLANS}__{configuration}" / "fold_0"
+    run(["nnUNetv2_train", "991", "3d_fullres", "0", "-tr", trainer, "-p", SMALL_PLANS, "-device", "cpu"], env)
+    fold = root / "results" / name / f"{trainer}__{SMALL_PLANS}__3d_fullres" / "fold_0"
     checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     head = checkpoint["network_weights"]["sdm_head.seg_layers.0.weight"]
-    assert head.shape[:2] == (3, 8)  # one SDM channel per output (background unused), 8 decoder features
-    assert head.ndim == (4 if configuration == "2d" else 5)
-    if trainer.startswith("nnUNetTrainerSASSNet"):
-        d = checkpoint["sassnet"]["discriminator_weights"]
-        assert d["sdm_conv.weight"].shape[1] == 2  # one SDM channel per foreground class
-        assert d["image_conv.weight"].shape[1] == 2  # every input channel
-        assert d["sdm_conv.weight"].ndim == (4 if configuration == "2d" else 5)
-    else:
-        assert "sassnet" not in checkpoint
+    assert head.shape[:2] == (3, 8) and head.ndim == 5  # one SDM channel per output, 8 decoder features
+    d = checkpoint["sassnet"]["discriminator_weights"]
+    assert d["sdm_conv.weight"].shape[1] == 2  # one SDM channel per foreground class
+    assert d["image_conv.weight"].shape[1] == 2  # every input channel
     pred = tmp_path / "pred"
     run(["nnUNetv2_predict", "-i", str(root / "raw" / name / "imagesTs"), "-o", str(pred), "-d", "991", "-c",
-         configuration, "-tr", trainer, "-p", SMALL_PLANS, "-f", "0", "-device", "cpu",
+         "3d_fullres", "-tr", trainer, "-p", SMALL_PLANS, "-f", "0", "-device", "cpu",
          "--disable_progress_bar", "--disable_tta", "-npp", "1", "-nps", "1"], env)
     seg = sitk.GetArrayFromImage(sitk.ReadImage(str(pred / "ts000.nii.gz")))
+    assert seg.shape == (24, 24, 24) and set(np.unique(seg)) <= {0, 1, 2}
+
+
+def test_2d_configuration_trains_and_predicts(multi_dataset, monkeypatch):
+    """The 2d configuration: 2D SDM head and discriminator, a training step, nnU-Net's predictor on a case.
+
+    In-process (the 3d test above goes through the command-line tools; the trainer code is the same).
+    """
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    env = training_environment(multi_dataset["env"])
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer", "nnUNet_n_proc_DA"):
+        monkeypatch.setenv(key, env[key])
+    torch.manual_seed(0)
+    trainer = get_trainer_from_args("991", "2d", "all", "nnUNetTrainerSASSNet_smoke", SMALL_PLANS,
+                                    device=torch.device("cpu"))
+    trainer.discriminator_features = 16
+    trainer.on_train_start()
+    out = trainer.train_step(next(trainer.dataloader_train))
+    assert np.isfinite(out["loss"]) and np.isfinite(out["unlabeled_loss"]) and np.isfinite(out["disc_loss"])
+    head = trainer.network.sdm_head.seg_layers[0].weight
+    assert head.shape[:2] == (3, 8) and head.ndim == 4
+    d = trainer._plain_discriminator()
+    assert d.sdm_conv.weight.shape[1] == 2 and d.image_conv.weight.shape[1] == 2 and d.sdm_conv.weight.ndim == 4
+
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, perform_everything_on_device=False,
+                                device=torch.device("cpu"), allow_tqdm=False)
+    network = trainer.network.eval()
+    network.decoder.deep_supervision = False
+    predictor.manual_initialization(network, trainer.plans_manager, trainer.configuration_manager,
+                                    [network.state_dict()], trainer.dataset_json, type(trainer).__name__, ())
+    images = sorted((multi_dataset["root"] / "raw" / multi_dataset["dataset_name"] / "imagesTs").glob("ts000_*"))
+    image, properties = SimpleITKIO().read_images([str(p) for p in images])
+    seg = predictor.predict_single_npy_array(image, properties)
     assert seg.shape == (24, 24, 24) and set(np.unique(seg)) <= {0, 1, 2}
 
 

@@ -14,13 +14,13 @@ from conftest import SMALL_PLANS, run, training_environment
 
 
 @pytest.mark.slow
-def test_train_and_predict_through_stock_cli(tiny_dataset, tmp_path):
+def test_train_and_predict_through_stock_cli(tiny_dataset, sassnet_fold0, tmp_path):
     env = training_environment(tiny_dataset["env"])
     root, name = tiny_dataset["root"], tiny_dataset["dataset_name"]
-    trainer = "nnUNetTrainerSASSNet_smoke"
+    trainer = sassnet_fold0["trainer"]
 
-    out = run(["nnunet_sassnet_preprocess_unlabeled", "-d", "990", "-c", "3d_fullres", "-p", SMALL_PLANS,
-               "-np", "1"], env)
+    run(["nnunet_sassnet_preprocess_unlabeled", "-d", "990", "-c", "3d_fullres", "-p", SMALL_PLANS, "-np", "1"],
+        env)
     unlabeled = root / "preprocessed" / name / f"{SMALL_PLANS}_3d_fullres_unlabeled"
     assert sorted(p.name for p in unlabeled.glob("*.b2nd") if not p.name.endswith("_seg.b2nd")) == \
         [f"un{i:03d}.b2nd" for i in range(4)]
@@ -33,11 +33,9 @@ def test_train_and_predict_through_stock_cli(tiny_dataset, tmp_path):
                 env)
     assert "up to date" in again.stdout
 
-    train = run(["nnUNetv2_train", "990", "3d_fullres", "0", "-tr", trainer, "-p", SMALL_PLANS,
-                 "-device", "cpu"], env)
-    assert "Training done." in train.stdout
-    model_dir = root / "results" / name / f"{trainer}__{SMALL_PLANS}__3d_fullres"
-    fold = model_dir / "fold_0"
+    # the training (nnUNetv2_train, fold 0) is the session's shared one: see conftest.sassnet_fold0
+    assert "Training done." in sassnet_fold0["stdout"]
+    fold = sassnet_fold0["model"] / "fold_0"
     log_text = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
     for key in ("seg_losses", "sdm_losses", "gen_losses", "disc_losses", "disc_acc_labeled",
                 "adversarial_weights"):

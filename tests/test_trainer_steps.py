@@ -305,3 +305,31 @@ def test_random_patch_indices_follow_nnunets_loader():
             state = type("Loader", (), {"batch_size": batch_size, "oversample_foreground_percent": percent})()
             expected = [i for i in range(batch_size) if not rule(state, i)]
             assert random_patch_indices(batch_size, percent) == expected
+
+
+def test_compiled_discriminator_trains_and_matches_the_eager_one(nnunet_paths):
+    """torch.compile on D (the CUDA default; here aot_eager, which needs no C++ compiler on the CPU)."""
+    torch.manual_seed(0)
+    trainer = make_trainer()
+    trainer.compile_discriminator, trainer.discriminator_compile_backend = True, "aot_eager"
+    trainer.on_train_start()
+    trainer.on_train_epoch_start()
+    plain = trainer._plain_discriminator()
+    assert hasattr(trainer._generator_discriminator, "_orig_mod") and trainer._generator_discriminator._orig_mod is plain
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    for _ in range(2):  # the generator pass (eval, frozen) and D's update (train) each trace their own graph
+        out = trainer.train_step(next(trainer.dataloader_train))
+        assert all(np.isfinite(out[k]) for k in ("unlabeled_loss", "disc_loss"))
+    assert any(not torch.equal(before[k], v) for k, v in plain.state_dict().items())  # D was updated
+    assert set(trainer.extra_checkpoint_state()["discriminator_weights"]) == set(before)  # plain keys
+
+    batch = next(trainer.dataloader_unlabeled)["data"]
+    sdm = torch.rand((batch.shape[0], 1, *batch.shape[2:])) * 2 - 1
+    with trainer.unlabeled_term_context(), torch.no_grad():
+        assert torch.allclose(trainer._generator_discriminator(sdm, batch), plain(sdm, batch), atol=1e-5)
+
+
+def test_discriminator_follows_nnunets_compile_rule_by_default(started_trainer):
+    # nnU-Net compiles nothing on the CPU; D follows the U-Net
+    assert not hasattr(started_trainer._generator_discriminator, "_orig_mod")
+    assert not hasattr(started_trainer.network, "_orig_mod")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -137,18 +138,33 @@ BAD_INPUTS = {
 }
 
 
+def entry_in_process(ds: dict, monkeypatch, capsys, *args: str):
+    """The console script's entry function in this process (a subprocess costs ~10 s of imports).
+
+    The console script itself runs in ``test_no_plans_yet_is_refused`` and the other tests here.
+    """
+    from nnunet_sassnet.unlabeled import preprocess_unlabeled_entry
+
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(key, ds["env"][key])
+    capsys.readouterr()
+    code = preprocess_unlabeled_entry(list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_is_refused_and_nothing_is_written(dataset_copy, case):
+def test_bad_input_is_refused_and_nothing_is_written(dataset_copy, case, monkeypatch, capsys):
     ds = dataset_copy
-    preprocess(ds["env"], check=True)  # a previous, good result that must survive
+    # a previous, good result that must survive
+    good = entry_in_process(ds, monkeypatch, capsys, "-d", "990", "-c", "3d_fullres", "-p", SMALL_PLANS, "-np", "1")
+    assert good.returncode == 0, good.stderr
     before = sorted(p.name for p in unlabeled_folder(ds).iterdir())
     stamp = (unlabeled_folder(ds) / "sassnet_unlabeled_stamp.json").read_text()
     change, args, fragments = BAD_INPUTS[case]
     change(ds)
-    if args:
-        result = run(["nnunet_sassnet_preprocess_unlabeled", *args, "-c", "3d_fullres"], ds["env"], check=False)
-    else:
-        result = preprocess(ds["env"], "--force")
+    result = entry_in_process(ds, monkeypatch, capsys, *(args or ["-d", "990", "-p", SMALL_PLANS, "-np", "1",
+                                                                  "--force"]), "-c", "3d_fullres")
     assert_refused(result, *fragments)
     assert sorted(p.name for p in unlabeled_folder(ds).iterdir()) == before
     assert (unlabeled_folder(ds) / "sassnet_unlabeled_stamp.json").read_text() == stamp

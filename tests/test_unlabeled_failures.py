@@ -89,15 +89,16 @@ def add_scans(ds: dict, names: list[str]) -> None:
 KILLED_PREPROCESSING = """
 import pathlib, sys, time
 import nnunet_sassnet.unlabeled as unlabeled
+from nnunet_sassnet.unlabeled import preprocessing
 
-one_case = unlabeled._preprocess_one_case
+one_case = preprocessing._preprocess_one_case
 
 def one_case_then_hang(*args):
     one_case(*args)
     pathlib.Path(sys.argv[1]).touch()
     time.sleep(600)
 
-unlabeled._preprocess_one_case = one_case_then_hang
+preprocessing._preprocess_one_case = one_case_then_hang
 sys.exit(unlabeled.preprocess_unlabeled_entry(sys.argv[2:]))
 """
 

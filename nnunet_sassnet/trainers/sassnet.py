@@ -54,6 +54,10 @@ class nnUNetTrainerSASSNet(nnUNetTrainerSemiSupervised):
     #: unlabeled ones) or "all" (also the foreground-centred ones; D can then tell the streams apart by
     #: position instead of shape)
     discriminator_labeled_patches: str = "random"
+    #: torch.compile the discriminator: None follows nnU-Net's rule for the U-Net (``nnUNet_compile``, CUDA
+    #: only); True/False force it. The backend is torch.compile's (``"aot_eager"`` needs no C++ compiler)
+    compile_discriminator: bool | None = None
+    discriminator_compile_backend: str = "inductor"
 
     extra_log_keys = ("seg_losses", "sdm_losses", "gen_losses", "disc_losses", "disc_acc_labeled",
                       "disc_acc_unlabeled", BETA_KEY, "adv_grad_ratios", "skipped_steps_network",
@@ -70,6 +74,7 @@ class nnUNetTrainerSASSNet(nnUNetTrainerSemiSupervised):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.discriminator = None
+        self._generator_discriminator = None
         self.discriminator_optimizer = None
         self.discriminator_grad_scaler = None
         if self.discriminator_labeled_patches not in ("random", "all"):
@@ -98,11 +103,24 @@ class nnUNetTrainerSASSNet(nnUNetTrainerSemiSupervised):
         self.discriminator_optimizer = torch.optim.Adam(d.parameters(), lr=self.discriminator_lr,
                                                         betas=self.discriminator_betas, fused=True)
         self.discriminator_grad_scaler = torch.GradScaler(self.device.type)
+        if self._compile_discriminator():
+            # like nnU-Net's U-Net: D's small convolutions and the losses around them are launch-bound when
+            # eager. Two graphs are traced (generator pass in eval mode, D's update in train mode)
+            self.print_to_log_file(f"Compiling the discriminator (backend {self.discriminator_compile_backend})")
+            d = torch.compile(d, backend=self.discriminator_compile_backend)
+        # the generator pass uses D without its DDP wrapper (that would trigger D's gradient reducer)
+        self._generator_discriminator = d
         if self.is_ddp:
             # keep the CPU (gloo) branch free of device_ids; CUDA ranks pin their own device
             d = nn.parallel.DistributedDataParallel(
                 d, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
         self.discriminator = d
+
+    def _compile_discriminator(self) -> bool:
+        """Whether D is compiled: :attr:`compile_discriminator`, else nnU-Net's own rule for the U-Net."""
+        if self.compile_discriminator is not None:
+            return self.compile_discriminator
+        return self._do_i_compile()
 
     def _discriminator_labeled_indices(self) -> slice:
         """The labeled patches of a batch that D sees as "labeled" (a slice: no index copy to the GPU)."""
@@ -127,7 +145,7 @@ class nnUNetTrainerSASSNet(nnUNetTrainerSemiSupervised):
 
     # ---- one training step --------------------------------------------------------------------------------
     def _plain_discriminator(self) -> nn.Module:
-        # the generator pass must not go through D's DDP wrapper: that would trigger D's gradient reducer
+        """D without its DDP and torch.compile wrappers (its parameters and state dict)."""
         return unwrap_module(self.discriminator)
 
     @contextlib.contextmanager
@@ -144,7 +162,7 @@ class nnUNetTrainerSASSNet(nnUNetTrainerSemiSupervised):
 
     def unlabeled_loss(self, seg_output, sdm_output, data, num_labeled):
         """-log D(X_u, S_u): unlabeled SDMs should look like labeled ones."""
-        logits = self._discriminate(self._plain_discriminator(), sdm_output[num_labeled:, self.sdm_channels],
+        logits = self._discriminate(self._generator_discriminator, sdm_output[num_labeled:, self.sdm_channels],
                                     data[num_labeled:])
         return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits)), {}
 

@@ -1,151 +1,33 @@
-"""Unlabeled scans: where they live, their preprocessing with the dataset's plans, and their loading.
+"""Preprocessing unlabeled scans with the dataset's plans into a versioned folder that runs lease.
 
-Raw images go to ``nnUNet_raw/DatasetXXX_Name/imagesUnlabeled/`` named like ``imagesTr``
-(``CASE_0000.nii.gz``, one file per channel); nnU-Net's own planning never looks there. They are preprocessed
-with the plan's own preprocessor (cropping, resampling, normalisation identical to the labeled scans) into
-``nnUNet_preprocessed/DatasetXXX_Name/<data_identifier>_unlabeled/``: beside nnU-Net's folder, never inside
-it, because nnU-Net wipes ``<data_identifier>/`` when it preprocesses again and treats every case in it as a
-labeled training case. A stamp file there records a hash of what the data was made from, so a change of
-plans, dataset.json or input files is detected, and the size of every file written, so a damaged (truncated)
-case is detected and preprocessed again.
-
-Several runs (the folds of a dataset trained at once, DDP ranks, a user adding scans while a fold trains) share
-that folder, so it is a :class:`~nnunet_sassnet.versioned_folder.VersionedFolder`: ``<data_identifier>_unlabeled``
-is a link to ``<data_identifier>_unlabeled_versions/<version>``. One process preprocesses while the others wait
-for it; a new version is swapped in whole; a training run leases the version it reads, which is kept until no
-run uses it. The trainer calls :func:`ensure_preprocessed` and :func:`make_unlabeled_loader`, nothing else.
-
-A preprocessed unlabeled case is an ordinary nnU-Net (blosc2) case whose "segmentation" holds only the
-nonzero mask (-1 outside, 0 inside; nnU-Net's mask-based normalisation reads it) and whose
-``class_locations`` are empty, so nnU-Net's data loader and augmentation take it unchanged.
+One process preprocesses under the writer lock while the others wait; a new version is swapped in whole; damaged
+cases are preprocessed again; a full disk leaves the previous version untouched (see the package docstring).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
-import hashlib
 import json
 import multiprocessing
 import os
-import re
 import shutil
-import sys
 from dataclasses import dataclass
 from time import sleep
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
-from nnunet_sassnet.errors import UserInputError, run_cli
+from nnunet_sassnet.errors import UserInputError
+from nnunet_sassnet.unlabeled.cases import (CASE_FILE_SUFFIXES, STAMP_FILE, UNLABELED_IMAGES_FOLDER, compute_stamp,
+                                            list_unlabeled_cases, unlabeled_data_is_current,
+                                            unlabeled_preprocessed_folder)
 from nnunet_sassnet.versioned_folder import Lease, VersionedFolder
 
-UNLABELED_IMAGES_FOLDER = "imagesUnlabeled"
-STAMP_FILE = "sassnet_unlabeled_stamp.json"
+__all__ = ["UnlabeledData", "ensure_preprocessed", "preprocess_unlabeled"]
 
-__all__ = [
-    "UNLABELED_IMAGES_FOLDER", "STAMP_FILE", "unlabeled_preprocessed_folder", "list_unlabeled_cases",
-    "compute_stamp", "unlabeled_data_is_current", "UnlabeledData", "ensure_preprocessed", "make_unlabeled_loader",
-    "preprocess_unlabeled", "preprocess_unlabeled_entry",
-]
-
-#: the files nnU-Net's blosc2 dataset keeps per case
-CASE_FILE_SUFFIXES = (".b2nd", "_seg.b2nd", ".pkl")
 #: below this much free space, a failed write is taken for a full disk (blosc2 reports one without errno)
 _FULL_DISK_BYTES = 16 * 1024 ** 2
-
-
-def unlabeled_preprocessed_folder(preprocessed_dataset_folder_base: str, data_identifier: str) -> str:
-    """``nnUNet_preprocessed/DatasetXXX/<data_identifier>_unlabeled`` (a link to the current version)."""
-    return os.path.join(preprocessed_dataset_folder_base, data_identifier + "_unlabeled")
-
-
-def list_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> dict[str, list[str]]:
-    """Map case identifier -> its channel files in ``imagesUnlabeled``, checked against dataset.json.
-
-    Raises :class:`UserInputError` for a missing or empty folder, files with another ending, and cases
-    with a missing or an extra channel file.
-    """
-    folder = os.path.join(raw_dataset_folder, UNLABELED_IMAGES_FOLDER)
-    if not os.path.isdir(folder):
-        raise UserInputError(
-            f"no unlabeled images: {folder} does not exist. SASSNet learns from unlabeled scans; put them there, "
-            f"named like imagesTr (CASE_0000{dataset_json.get('file_ending', '.nii.gz')}, one file per channel)")
-    file_ending = dataset_json["file_ending"]
-    channels = dataset_json.get("channel_names", dataset_json.get("modality"))
-    num_channels = len(channels)
-    pattern = re.compile(r"(.+)_(\d{4})" + re.escape(file_ending) + r"$")
-    cases: dict[str, dict[int, str]] = {}
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if name.startswith(".") or os.path.isdir(path):
-            continue
-        match = pattern.match(name)
-        if match is None:
-            raise UserInputError(
-                f"{path}: unexpected file name; unlabeled images must be named CASE_XXXX{file_ending} "
-                f"(the dataset's file_ending, a 4-digit channel index), like imagesTr. Rename or remove it")
-        cases.setdefault(match.group(1), {})[int(match.group(2))] = path
-    if not cases:
-        raise UserInputError(
-            f"no unlabeled images: {folder} is empty. Put the unlabeled scans there, named like imagesTr "
-            f"(CASE_0000{file_ending}, one file per channel)")
-    result = {}
-    for case, files in cases.items():
-        expected = set(range(num_channels))
-        missing = sorted(expected - set(files))
-        extra = sorted(set(files) - expected)
-        if missing:
-            raise UserInputError(
-                f"{os.path.join(folder, case)}: channel file(s) "
-                f"{', '.join(f'{case}_{c:04d}{file_ending}' for c in missing)} missing; dataset.json declares "
-                f"{num_channels} channel(s): add the file(s) or remove the case")
-        if extra:
-            raise UserInputError(
-                f"{files[extra[0]]}: extra channel; dataset.json declares {num_channels} channel(s) "
-                f"(_0000 to _{num_channels - 1:04d}): remove the file")
-        result[case] = [files[c] for c in range(num_channels)]
-    return result
-
-
-def compute_stamp(plans: dict, configuration_name: str, dataset_json: dict, cases: dict[str, list[str]]
-                  ) -> str:
-    """Hash of everything the preprocessed unlabeled data depends on.
-
-    The plans (the configuration as resolved, and the plan-wide settings it reads: transposition,
-    intensity statistics, reader), dataset.json, and the input files (names, sizes, modification times).
-    """
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    plans_manager = PlansManager(plans)
-    configuration = plans_manager.get_configuration(configuration_name).configuration
-    relevant_plans = {
-        "configuration": configuration,
-        "transpose_forward": plans.get("transpose_forward"),
-        "foreground_intensity_properties_per_channel": plans.get("foreground_intensity_properties_per_channel"),
-        "image_reader_writer": plans.get("image_reader_writer"),
-    }
-    files = []
-    for case in sorted(cases):
-        for path in cases[case]:
-            st = os.stat(path)
-            files.append([os.path.basename(path), st.st_size, int(st.st_mtime)])
-    payload = json.dumps({"plans": relevant_plans, "dataset_json": dataset_json, "files": files},
-                         sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def unlabeled_data_is_current(folder: str, stamp: str) -> bool:
-    """True when ``folder`` holds unlabeled data made from exactly what ``stamp`` describes."""
-    stamp_file = os.path.join(folder, STAMP_FILE)
-    if not os.path.isfile(stamp_file):
-        return False
-    try:
-        with open(stamp_file) as f:
-            return json.load(f).get("stamp") == stamp
-    except (OSError, ValueError):
-        return False
 
 
 def _preprocess_one_case(output_filename_truncated: str, image_files: list[str], plans: dict,
@@ -409,29 +291,6 @@ def preprocess_unlabeled(dataset_name_or_id: str | int, configuration: str = "3d
                                lease=False, progress=progress, log=log).store.path
 
 
-def make_unlabeled_loader(folder: str, batch_size: int, initial_patch_size, patch_size, label_manager,
-                          transforms, num_processes: int, pin_memory: bool):
-    """nnU-Net's own loader and augmenter over the unlabeled cases in ``folder``: random patches, no
-    foreground oversampling (there is no foreground); ``num_processes`` 0 augments in this process."""
-    from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
-    from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
-    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
-    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
-
-    dataset = nnUNetDatasetBlosc2(folder)
-    loader = nnUNetDataLoader(dataset, batch_size, initial_patch_size, patch_size, label_manager,
-                              oversample_foreground_percent=0.0, transforms=transforms)
-    if num_processes == 0:
-        augmenter = SingleThreadedAugmenter(loader, None)
-    else:
-        # half of nnU-Net's augmentation processes: the labeled stream keeps its own
-        augmenter = NonDetMultiThreadedAugmenter(
-            data_loader=loader, transform=None, num_processes=max(1, num_processes // 2),
-            num_cached=max(3, num_processes // 4), seeds=None, pin_memory=pin_memory, wait_time=0.002)
-    next(augmenter)  # start the workers now, as nnU-Net does for its loaders
-    return augmenter
-
-
 def _run_cases(cases: dict[str, list[str]], folder: str, plans: dict, configuration: str, dataset_json: dict,
                num_processes: int, progress: bool) -> None:
     jobs = [(os.path.join(folder, case), files, plans, configuration, dataset_json)
@@ -452,22 +311,3 @@ def _run_cases(cases: dict[str, list[str]], folder: str, plans: dict, configurat
                 pending = [r for r in pending if r not in done]
                 if pending:
                     sleep(0.05)
-
-
-def preprocess_unlabeled_entry(argv: Sequence[str] | None = None) -> int:
-    """``nnunet_sassnet_preprocess_unlabeled``: preprocess imagesUnlabeled with the dataset's plans."""
-    parser = argparse.ArgumentParser(
-        prog="nnunet_sassnet_preprocess_unlabeled",
-        description="Preprocess nnUNet_raw/DatasetXXX/imagesUnlabeled with the dataset's plans into "
-                    "nnUNet_preprocessed/DatasetXXX/<data_identifier>_unlabeled (for nnUNetTrainerSASSNet).")
-    parser.add_argument("-d", required=True, help="dataset ID or name")
-    parser.add_argument("-c", default="3d_fullres", help="configuration (default: 3d_fullres)")
-    parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
-    parser.add_argument("-np", type=int, default=4, help="number of processes (default: 4)")
-    parser.add_argument("--force", action="store_true", help="preprocess again even if the data is current")
-    args = parser.parse_args(argv)
-    return run_cli(lambda: (preprocess_unlabeled(args.d, args.c, args.p, args.np, force=args.force), 0)[1])
-
-
-if __name__ == "__main__":
-    sys.exit(preprocess_unlabeled_entry())

@@ -1,0 +1,98 @@
+"""Wall time of training iterations with nnU-Net's real loaders: what a user waits for, data loading included.
+
+A SASSNet step draws twice as many patches through nnU-Net's CPU augmentation as nnUNetTrainer's (2 labeled
++ 2 unlabeled against 2), so at a given ``nnUNet_n_proc_DA`` the GPU may wait for batches. For each trainer
+this times ``iterations`` steps exactly as nnU-Net's loop runs them (``train_step(next(dataloader_train))``)
+and splits the wall time into waiting for batches (the GPU idles: each step ends with nnU-Net's loss copy to
+the host, so the GPU has finished when the next batch is requested) and the steps themselves.
+
+Used by ``benchmarks/train_speed.py --epoch-iterations N``; the functions take a trainer factory so that both
+trainers run in one process at the same worker count.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+
+class TimedLoader:
+    """Forwards ``next()`` to nnU-Net's loader and adds up the seconds spent waiting for it."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.wait_s = 0.0
+
+    def __next__(self):
+        t0 = time.perf_counter()
+        batch = next(self.loader)
+        self.wait_s += time.perf_counter() - t0
+        return batch
+
+    def __getattr__(self, name):  # _finish() and the rest of the augmenter's interface
+        return getattr(self.loader, name)
+
+
+def augmentation_processes(trainer) -> int:
+    """Augmentation worker processes of the trainer's training loaders (0: augmentation in-process)."""
+    total = 0
+    for name in ("dataloader_train", "dataloader_unlabeled"):
+        loader = getattr(trainer, name, None)
+        loader = getattr(loader, "loader", loader)  # under TimedLoader
+        total += int(getattr(loader, "num_processes", 0) or 0)
+    return total
+
+
+def time_iterations(trainer, iterations: int, warmup: int, synchronize: Callable[[], None]) -> dict:
+    """Seconds for ``iterations`` training iterations with the trainer's own loaders (after ``warmup``)."""
+    trainer.dataloader_train = TimedLoader(trainer.dataloader_train)
+    if getattr(trainer, "dataloader_unlabeled", None) is not None:
+        trainer.dataloader_unlabeled = TimedLoader(trainer.dataloader_unlabeled)
+    loaders = [trainer.dataloader_train] + ([trainer.dataloader_unlabeled]
+                                            if getattr(trainer, "dataloader_unlabeled", None) is not None else [])
+    for _ in range(warmup):
+        trainer.train_step(next(trainer.dataloader_train))
+    synchronize()
+    for loader in loaders:
+        loader.wait_s = 0.0
+    t0 = time.perf_counter()
+    for _ in range(iterations):
+        trainer.train_step(next(trainer.dataloader_train))
+    synchronize()
+    wall = time.perf_counter() - t0
+    wait = sum(loader.wait_s for loader in loaders)
+    return {"iterations": iterations, "wall_s": wall, "loader_wait_s": wait, "idle_fraction": wait / wall,
+            "augmentation_processes": augmentation_processes(trainer)}
+
+
+def compare_epochs(make_trainer: Callable[[str], object], trainers: tuple[str, str], worker_counts: list[int | None],
+                   iterations: int, warmup: int, synchronize: Callable[[], None],
+                   stop: Callable[[object], None]) -> list[dict]:
+    """Both trainers at each ``nnUNet_n_proc_DA`` (None: unset, nnU-Net's own default for the machine).
+
+    Returns one record per worker count: the two trainers' figures and the wall-time ratio second/first.
+    """
+    records = []
+    previous = os.environ.get("nnUNet_n_proc_DA")
+    try:
+        for workers in worker_counts:
+            if workers is None:
+                os.environ.pop("nnUNet_n_proc_DA", None)
+            else:
+                os.environ["nnUNet_n_proc_DA"] = str(workers)
+            record = {"nnUNet_n_proc_DA": workers}
+            for name in trainers:
+                trainer = make_trainer(name)
+                try:
+                    record[name] = time_iterations(trainer, iterations, warmup, synchronize)
+                finally:
+                    stop(trainer)
+                del trainer
+            record["wall_ratio"] = record[trainers[1]]["wall_s"] / record[trainers[0]]["wall_s"]
+            records.append(record)
+    finally:
+        if previous is None:
+            os.environ.pop("nnUNet_n_proc_DA", None)
+        else:
+            os.environ["nnUNet_n_proc_DA"] = previous
+    return records

@@ -1,0 +1,110 @@
+"""Where unlabeled scans live, which files make a case, and the stamp that says what preprocessed data was made from."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+
+from nnunet_sassnet.errors import UserInputError
+
+UNLABELED_IMAGES_FOLDER = "imagesUnlabeled"
+STAMP_FILE = "sassnet_unlabeled_stamp.json"
+
+#: the files nnU-Net's blosc2 dataset keeps per case
+CASE_FILE_SUFFIXES = (".b2nd", "_seg.b2nd", ".pkl")
+
+__all__ = ["UNLABELED_IMAGES_FOLDER", "STAMP_FILE", "CASE_FILE_SUFFIXES", "unlabeled_preprocessed_folder",
+           "list_unlabeled_cases", "compute_stamp", "unlabeled_data_is_current"]
+
+
+def unlabeled_preprocessed_folder(preprocessed_dataset_folder_base: str, data_identifier: str) -> str:
+    """``nnUNet_preprocessed/DatasetXXX/<data_identifier>_unlabeled`` (a link to the current version)."""
+    return os.path.join(preprocessed_dataset_folder_base, data_identifier + "_unlabeled")
+
+
+def list_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> dict[str, list[str]]:
+    """Map case identifier -> its channel files in ``imagesUnlabeled``, checked against dataset.json.
+
+    Raises :class:`UserInputError` for a missing or empty folder, files with another ending, and cases
+    with a missing or an extra channel file.
+    """
+    folder = os.path.join(raw_dataset_folder, UNLABELED_IMAGES_FOLDER)
+    if not os.path.isdir(folder):
+        raise UserInputError(
+            f"no unlabeled images: {folder} does not exist. SASSNet learns from unlabeled scans; put them there, "
+            f"named like imagesTr (CASE_0000{dataset_json.get('file_ending', '.nii.gz')}, one file per channel)")
+    file_ending = dataset_json["file_ending"]
+    channels = dataset_json.get("channel_names", dataset_json.get("modality"))
+    num_channels = len(channels)
+    pattern = re.compile(r"(.+)_(\d{4})" + re.escape(file_ending) + r"$")
+    cases: dict[str, dict[int, str]] = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.startswith(".") or os.path.isdir(path):
+            continue
+        match = pattern.match(name)
+        if match is None:
+            raise UserInputError(
+                f"{path}: unexpected file name; unlabeled images must be named CASE_XXXX{file_ending} "
+                f"(the dataset's file_ending, a 4-digit channel index), like imagesTr. Rename or remove it")
+        cases.setdefault(match.group(1), {})[int(match.group(2))] = path
+    if not cases:
+        raise UserInputError(
+            f"no unlabeled images: {folder} is empty. Put the unlabeled scans there, named like imagesTr "
+            f"(CASE_0000{file_ending}, one file per channel)")
+    result = {}
+    for case, files in cases.items():
+        expected = set(range(num_channels))
+        missing = sorted(expected - set(files))
+        extra = sorted(set(files) - expected)
+        if missing:
+            raise UserInputError(
+                f"{os.path.join(folder, case)}: channel file(s) "
+                f"{', '.join(f'{case}_{c:04d}{file_ending}' for c in missing)} missing; dataset.json declares "
+                f"{num_channels} channel(s): add the file(s) or remove the case")
+        if extra:
+            raise UserInputError(
+                f"{files[extra[0]]}: extra channel; dataset.json declares {num_channels} channel(s) "
+                f"(_0000 to _{num_channels - 1:04d}): remove the file")
+        result[case] = [files[c] for c in range(num_channels)]
+    return result
+
+
+def compute_stamp(plans: dict, configuration_name: str, dataset_json: dict, cases: dict[str, list[str]]
+                  ) -> str:
+    """Hash of everything the preprocessed unlabeled data depends on.
+
+    The plans (the configuration as resolved, and the plan-wide settings it reads: transposition,
+    intensity statistics, reader), dataset.json, and the input files (names, sizes, modification times).
+    """
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans_manager = PlansManager(plans)
+    configuration = plans_manager.get_configuration(configuration_name).configuration
+    relevant_plans = {
+        "configuration": configuration,
+        "transpose_forward": plans.get("transpose_forward"),
+        "foreground_intensity_properties_per_channel": plans.get("foreground_intensity_properties_per_channel"),
+        "image_reader_writer": plans.get("image_reader_writer"),
+    }
+    files = []
+    for case in sorted(cases):
+        for path in cases[case]:
+            st = os.stat(path)
+            files.append([os.path.basename(path), st.st_size, int(st.st_mtime)])
+    payload = json.dumps({"plans": relevant_plans, "dataset_json": dataset_json, "files": files},
+                         sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def unlabeled_data_is_current(folder: str, stamp: str) -> bool:
+    """True when ``folder`` holds unlabeled data made from exactly what ``stamp`` describes."""
+    stamp_file = os.path.join(folder, STAMP_FILE)
+    if not os.path.isfile(stamp_file):
+        return False
+    try:
+        with open(stamp_file) as f:
+            return json.load(f).get("stamp") == stamp
+    except (OSError, ValueError):
+        return False
