@@ -35,21 +35,18 @@ class TimedLoader:
 
 def augmentation_processes(trainer) -> int:
     """Augmentation worker processes of the trainer's training loaders (0: augmentation in-process)."""
-    total = 0
-    for name in ("dataloader_train", "dataloader_unlabeled"):
-        loader = getattr(trainer, name, None)
-        loader = getattr(loader, "loader", loader)  # under TimedLoader
-        total += int(getattr(loader, "num_processes", 0) or 0)
-    return total
+    # TimedLoader forwards attribute reads to the augmenter it wraps
+    return sum(int(getattr(getattr(trainer, name, None), "num_processes", 0) or 0)
+               for name in ("dataloader_train", "dataloader_unlabeled"))
 
 
 def time_iterations(trainer, iterations: int, warmup: int, synchronize: Callable[[], None]) -> dict:
     """Seconds for ``iterations`` training iterations with the trainer's own loaders (after ``warmup``)."""
-    trainer.dataloader_train = TimedLoader(trainer.dataloader_train)
-    if getattr(trainer, "dataloader_unlabeled", None) is not None:
-        trainer.dataloader_unlabeled = TimedLoader(trainer.dataloader_unlabeled)
-    loaders = [trainer.dataloader_train] + ([trainer.dataloader_unlabeled]
-                                            if getattr(trainer, "dataloader_unlabeled", None) is not None else [])
+    loaders = []
+    for name in ("dataloader_train", "dataloader_unlabeled"):
+        if getattr(trainer, name, None) is not None:
+            loaders.append(TimedLoader(getattr(trainer, name)))
+            setattr(trainer, name, loaders[-1])
     for _ in range(warmup):
         trainer.train_step(next(trainer.dataloader_train))
     synchronize()
