@@ -65,6 +65,7 @@ PY
         --data .gpu/speed/lite --workdir /tmp/speed --output "$OUT/train_speed_1.25mm.json" --warmup 8 --steps 25 \
         --step-mark 1.3 > "$OUT/speed_1.25mm.log" 2>&1
     echo "train_speed 1.25 mm exit $?"; grep -E "^(target|nnUNetTrainer|synchron|epoch|NVIDIA|cpu|written)" "$OUT/speed_1.25mm.log"
+    [ "${SPEED_FULL:-1}" = 1 ] || exit 0  # SPEED_FULL=0: the 1.25 mm plan only (carry .gpu/speed/lite alone)
     nnUNet_compile=t nnUNet_n_proc_DA=8 timeout "${SPEED_TIMEOUT_FULL:-330}" python3 benchmarks/train_speed.py \
         --device cuda --data .gpu/speed/h5 --spacing 0.625 --workdir /tmp/speed_full \
         --output "$OUT/train_speed_0.625mm.json" --warmup 8 --steps 20 --step-mark 1.15 \
@@ -72,6 +73,7 @@ PY
     echo "train_speed 0.625 mm exit $?"; grep -E "^(target|nnUNetTrainer|synchron|epoch|NVIDIA|cpu|written)" "$OUT/speed_0.625mm.log"
     tail -5 "$OUT/speed_0.625mm.log" ;;
   queue)
+    shift  # the rest of the arguments go to la_semisup
     export PYTHONPATH=/tmp/site:$PWD
     [ -d .whl2 ] && install .whl2
     # /tmp survives between calls while the machine stays up; the carried folder does not

@@ -113,6 +113,12 @@ def test_every_finished_run_is_in_the_ledger_with_its_record(smoke):
     sassnet = by_key["nnUNetTrainerSASSNet/s0"]
     assert sassnet["trainer_settings"]["adversarial_weight_max"] == nnUNetTrainerSASSNet.adversarial_weight_max
     assert [by_key[k]["unlabeled"] for k in DONE] == [0, 2, 2] and sassnet["semi_supervised"]
+    # each training's per-epoch log: the unlabeled term's figures for SASSNet, nnU-Net's losses for every run
+    for key in DONE:
+        assert len(by_key[key]["training_log"]["train_losses"]) == SMOKE_EPOCHS, key
+    log = sassnet["training_log"]
+    assert all(len(log[k]) == SMOKE_EPOCHS for k in ("adversarial_weights", "adv_grad_ratios", "disc_acc_labeled"))
+    assert "adv_grad_ratios" not in by_key["nnUNetTrainer/s0"]["training_log"]
     # a trainer that does not exist yet is left out of the call, not recorded
     assert smoke["call"]["runs"]["nnUNetTrainerNotWrittenYet/s0"]["status"] == "trainer not found"
     assert "nnUNetTrainerNotWrittenYet/s0: left out of this call" in smoke["result"].stdout
@@ -175,6 +181,9 @@ def test_results_document_is_regenerated_from_the_ledger(smoke):
         row = next(line for line in text.splitlines() if line.startswith(f"| {entry['title']} | 0 |"))
         assert f"{pair['mean_dice_diff_points']:.2f} ± {pair['std_dice_diff_points']:.2f}" in row
         assert "| same call |" in row
+    # the unlabeled term's figures: SASSNet's row only (the supervised runs have none)
+    term = text.split("**What the unlabeled term did**", 1)[1].split("\n\n", 2)[1].splitlines()
+    assert [row.split(" | ")[0] for row in term[2:]] == ["| nnUNetTrainerSASSNet"]
     # the call's own table is printed and written beside its JSON
     assert smoke["call"]["table"] in smoke["result"].stdout
     assert "(baseline)" in smoke["call"]["table"] and "Total wall time" in smoke["call"]["table"]

@@ -1,6 +1,8 @@
 """Real training steps of the trainers, in-process, on the tiny dataset."""
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -327,6 +329,29 @@ def test_compiled_discriminator_trains_and_matches_the_eager_one(nnunet_paths):
     sdm = torch.rand((batch.shape[0], 1, *batch.shape[2:])) * 2 - 1
     with trainer.unlabeled_term_context(), torch.no_grad():
         assert torch.allclose(trainer._generator_discriminator(sdm, batch), plain(sdm, batch), atol=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile's inductor backend needs a C++ compiler on the CPU")
+def test_gradient_probe_runs_through_the_compiled_unet_and_discriminator(nnunet_paths, monkeypatch):
+    """nnU-Net's CUDA default, on the CPU: the U-Net and D compiled with inductor, then a probe step.
+
+    The probe backpropagates twice through the same graph; inductor's donated buffers refuse that unless
+    the trainer turns them off before the first compiled forward (a GPU run crashed here at its first step).
+    """
+    import torch._functorch.config as functorch_config
+
+    monkeypatch.setattr(functorch_config, "donated_buffer", True)  # torch's default, whatever ran before
+    torch.manual_seed(0)
+    trainer = make_trainer()
+    trainer._do_i_compile = lambda: True  # nnU-Net's rule says no on the CPU; its compile path is the same
+    trainer.on_train_start()
+    trainer.on_train_epoch_start()
+    assert hasattr(trainer.network, "_orig_mod") and hasattr(trainer._generator_discriminator, "_orig_mod")
+    assert trainer._probe_this_step()
+    out = trainer.train_step(next(trainer.dataloader_train))
+    assert np.isfinite(out["unlabeled_grad_ratio"]) and out["unlabeled_grad_ratio"] > 0
+    assert functorch_config.donated_buffer is False
 
 
 def test_discriminator_follows_nnunets_compile_rule_by_default(started_trainer):

@@ -92,6 +92,10 @@ def _predict(b: Supervisor, run: RunSpec, step: str, dataset_id: int, images: Pa
 def _trained(b: Supervisor, run: RunSpec, result: StepResult, model: Path, what: str) -> bool:
     """Whether a training produced its final checkpoint; records the failure otherwise."""
     if result.ok and (model / "checkpoint_final.pth").is_file():
+        log = training_log(model / "checkpoint_final.pth")
+        if log is not None:
+            with b.lock:
+                b.doc["runs"][run.key]["training_log"] = log
         return True
     finish_run(b, run, "timeout" if result.timed_out else "failed",
                f"{what}: {result.error or 'no checkpoint_final.pth'}")
@@ -227,6 +231,32 @@ def make_pseudo_labeled_dataset(semi_raw: Path, pseudo_labels: Path, raw: Path, 
     dataset_json["numTraining"] = len(labels)
     (target / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
     return name
+
+
+#: per-epoch keys of nnU-Net's logger left out of the ledger (timestamps; the learning rate follows the protocol)
+UNLOGGED_KEYS = ("epoch_start_timestamps", "epoch_end_timestamps", "lrs")
+
+
+def training_log(checkpoint: Path) -> dict[str, list] | None:
+    """The per-epoch values that nnU-Net's logger kept in ``checkpoint`` (losses, pseudo-Dice and, for this
+    package's trainers, the unlabeled term's weight, gradient ratio and D's accuracies), to 4 significant digits;
+    None where the checkpoint cannot be read. They tell afterwards whether the unlabeled term acted at all."""
+    import pickle
+
+    import torch
+
+    try:  # the benchmark's own checkpoint: its logging dict holds plain Python numbers and lists
+        logging = torch.load(checkpoint, map_location="cpu", weights_only=False)["logging"]
+    except (OSError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError):
+        return None
+    return {key: _significant(values) for key, values in logging.items() if key not in UNLOGGED_KEYS}
+
+
+def _significant(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_significant(v) for v in value]
+    value = finite_or_none(value)
+    return float(f"{value:.4g}") if isinstance(value, float) else value
 
 
 def finite_or_none(value: Any) -> Any:

@@ -119,6 +119,38 @@ def run_rows(entries: list[dict[str, Any]], pool: list[dict[str, Any]]) -> list[
     return lines
 
 
+#: (column, logger keys in order of preference): the first key a run's log has is shown
+TERM_COLUMNS = (("Weight", ("adversarial_weights", "unlabeled_weights")),
+                ("Gradient ratio", ("adv_grad_ratios", "unlabeled_grad_ratios")),
+                ("D accuracy, labeled", ("disc_acc_labeled",)),
+                ("D accuracy, unlabeled", ("disc_acc_unlabeled",)))
+
+
+def _epochs(values: list) -> str:
+    """First, middle and last epoch's value."""
+    if not values:
+        return "n/a"
+    picks = [values[0], values[len(values) // 2], values[-1]]
+    return " / ".join("n/a" if _number(v) is None else f"{v:.3g}" for v in picks)
+
+
+def unlabeled_term_rows(entries: list[dict[str, Any]]) -> list[str]:
+    """Markdown table of the unlabeled term's figures of the runs whose ledger entry has a training log."""
+    rows = []
+    for entry in entries:
+        log = entry.get("training_log") or {}
+        cells = []
+        for _, keys in TERM_COLUMNS:
+            key = next((k for k in keys if k in log), None)
+            cells.append(_epochs(log[key]) if key else "")
+        if any(cells[:2]):
+            rows.append(f"| {entry['title']} | {entry['seed']} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["| Run | Seed | " + " | ".join(c for c, _ in TERM_COLUMNS) + " |",
+            "|---|---|" + "---|" * len(TERM_COLUMNS)] + rows
+
+
 def _variant(entry: dict[str, Any]) -> tuple:
     return entry["title"], entry["kind"], entry["trainer"], entry["data"], bool(entry["compile"]), \
         entry["settings_id"]
@@ -166,6 +198,12 @@ def ledger_sections(entries: list[dict[str, Any]]) -> str:
         out += ["", "**Every recorded run**, in the order recorded:", ""]
         out += run_rows(mine, entries)
         out.append("")
+        term = unlabeled_term_rows(mine)
+        if term:
+            out += ["**What the unlabeled term did** (from each run's training log; epoch means of the first, "
+                    "middle and last epoch): the weight of the unlabeled term, the norm of its weighted gradient "
+                    "over the supervised one on the U-Net's shared layers, and D's accuracy on labeled and "
+                    "unlabeled patches (SASSNet variants).", ""] + term + [""]
     out += ["### Trainer settings", "", "Class attributes of each trainer as recorded with its runs (a changed "
             "default makes a new row above).", "", "| Trainer | Settings id | Settings |", "|---|---|---|"]
     seen: set[tuple] = set()

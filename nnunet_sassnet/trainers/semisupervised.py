@@ -35,6 +35,19 @@ __all__ = ["nnUNetTrainerSemiSupervised", "gaussian_rampup", "CHECKPOINT_KEY"]
 CHECKPOINT_KEY = "sassnet"
 
 
+def keep_compiled_graphs_retainable() -> None:
+    """Let torch.compile'd graphs be backpropagated through more than once (the gradient probe's retained graph).
+
+    torch.compile's autograd reuses ("donates") the memory of tensors saved for the backward pass, and then refuses
+    ``retain_graph=True`` ("compiled with non-empty donated buffers"). It is a process-wide setting that must be
+    made before the first compiled forward; the probe runs on 2 steps per epoch, the cost is a little memory.
+    """
+    import torch._functorch.config as functorch_config
+
+    if getattr(functorch_config, "donated_buffer", False):
+        functorch_config.donated_buffer = False
+
+
 def gaussian_rampup(iteration: int, total_iterations: int) -> float:
     """SASSNet's warm-up ``exp(-5 (1 - t/T)^2)``: 0.0067 at the start, 1 at the end.
 
@@ -77,6 +90,11 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainerSDM):
         self.unlabeled_preprocessed_folder = unlabeled_preprocessed_folder(
             self.preprocessed_dataset_folder_base, self.configuration_manager.data_identifier) \
             if self.preprocessed_dataset_folder_base is not None else None
+
+    def initialize(self):
+        if self.gradient_probe_steps_per_epoch > 0 and self._do_i_compile():
+            keep_compiled_graphs_retainable()  # before nnU-Net compiles the U-Net
+        super().initialize()
 
     # ---- schedule -----------------------------------------------------------------------------------------
     @property
