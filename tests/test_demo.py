@@ -62,7 +62,7 @@ def test_quick_demo_prints_one_line_per_stage_and_the_summary(quick_demo):
 @pytest.mark.slow
 def test_quick_demo_runs_every_stage_on_real_files(quick_demo):
     workdir = quick_demo["workdirs"][0]
-    data = config.DATA
+    data = config.QUICK_DATA
     # 1. synthetic scans in the challenge layout; unlabeled ones have no label
     cases = sorted(p for p in (workdir / "LA2018_synthetic").iterdir() if p.is_dir())
     assert len(cases) == data.num_labeled + data.num_unlabeled + data.num_test

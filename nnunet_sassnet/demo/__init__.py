@@ -31,8 +31,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="run in a non-empty --workdir, e.g. an earlier demo's: the demo's own files there "
                              "are replaced, nothing else is touched")
     parser.add_argument("--quick", action="store_true",
-                        help="train for a few steps only: every stage runs, but the model does not learn (for "
-                             "tests)")
+                        help="every stage on the fewest scans, a few training steps and no test-time mirroring: "
+                             "checks an installation in about 3 minutes; the model does not learn")
     return parser
 
 
@@ -72,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from nnunet_sassnet.demo.pipeline import print_failure, run_demo
     from nnunet_sassnet.demo.runner import StageFailed
 
-    mode = "quick run: a few training steps only" if args.quick else "a few minutes on two CPU cores"
+    mode = "quick run: a few training steps only" if args.quick else \
+        "3 to 20 minutes on two CPU cores, depending on their speed"
     print(f"nnunet-sassnet demo in {workdir} ({mode})", flush=True)
     try:
         run_demo(workdir, seed=args.seed, quick=args.quick, reuse=args.reuse)

@@ -102,10 +102,10 @@ def _short_path(path: Path) -> str:
 
 # ---------------------------------------------------------------------------------------------- stages
 
-def generate_data(layout: Layout, seed: int) -> dict[str, list[str]]:
+def generate_data(layout: Layout, seed: int, data) -> dict[str, list[str]]:
     from nnunet_sassnet.demo.synthetic_la import write_dataset
 
-    return write_dataset(layout.synthetic, seed=seed, config=config.DATA, progress=show_bars())
+    return write_dataset(layout.synthetic, seed=seed, config=data, progress=show_bars())
 
 
 def convert(layout: Layout) -> None:
@@ -168,12 +168,14 @@ def train(layout: Layout, trainer: str, num_epochs: int) -> TrainingProgress:
     return progress
 
 
-def predict(layout: Layout, trainer: str, num_cases: int) -> None:
+def predict(layout: Layout, trainer: str, num_cases: int, mirroring: bool = True) -> None:
     counter = CaseCounter(r"^Predicting \S+:", num_cases, "Predicting")
     try:
         run_tool(["nnUNetv2_predict", "-i", str(layout.raw_dataset / "imagesTs"), "-o", str(layout.predictions),
                   "-d", str(config.DATASET_ID), "-c", config.CONFIGURATION, "-p", config.PLANS, "-tr", trainer,
-                  "-f", config.FOLD, "-device", "cpu", "-npp", "1", "-nps", "1"],
+                  "-f", config.FOLD, "-device", "cpu"]
+                 # quick: no worker processes either (each would import torch and nnU-Net for two scans)
+                 + (["-npp", "1", "-nps", "1"] if mirroring else ["-npp", "0", "-nps", "0", "--disable_tta"]),
                  nnunet_environment(layout, 1), layout.logs / "6_predict.log", counter)
     finally:
         counter.close()
@@ -254,9 +256,9 @@ def run_demo(workdir: Path, seed: int, quick: bool, reuse: bool) -> dict:
     trainer = config.QUICK_TRAINER if quick else config.TRAINER
     schedule = config.QUICK_SCHEDULE if quick else config.SCHEDULE
     stages = Stages(NUM_STAGES)
-    data = config.DATA
+    data = config.QUICK_DATA if quick else config.DATA
 
-    groups = generate_data(layout, seed)
+    groups = generate_data(layout, seed, data)
     stages.finish(f"Generated {sum(map(len, groups.values()))} synthetic LA scans (seed {seed}): "
                   f"{len(groups['labeled'])} labeled, {len(groups['unlabeled'])} unlabeled, {len(groups['test'])} "
                   f"test; about {'x'.join(map(str, data.shape))} voxels of {data.spacing_mm} mm")
@@ -278,8 +280,10 @@ def run_demo(workdir: Path, seed: int, quick: bool, reuse: bool) -> dict:
         f"; Dice on nnU-Net's validation cases {progress.validation_dice:.3f}"
     stages.finish(f"Trained {trainer} with nnUNetv2_train on the CPU: {schedule['num_epochs']} epochs, {steps} "
                   f"steps{validation}")
-    predict(layout, trainer, len(groups["test"]))
-    stages.finish(f"Predicted the {len(groups['test'])} test scans with nnUNetv2_predict")
+    # --quick: no test-time mirroring (8 times fewer forward passes; the model has not learned anything)
+    predict(layout, trainer, len(groups["test"]), mirroring=not quick)
+    stages.finish(f"Predicted the {len(groups['test'])} test scans with nnUNetv2_predict"
+                  + (" (no test-time mirroring)" if quick else ""))
     report = evaluate(layout)
     stages.finish(f"Evaluated: mean Dice {report['mean']['dice']:.3f} on {report['counts']['cases']} test scans "
                   f"({report['largest_component']['mean']['dice']:.3f} with the largest component only)")
