@@ -8,7 +8,7 @@
 #   bash benchmarks/lent_gpu.sh install1     # first GPU call: carry .whl1
 #   bash benchmarks/lent_gpu.sh queue        # second GPU call: carry .whl2 and .gpu/la_work (not la_lite); the
 #                                            # next runs of benchmarks/queue_la8.json within QUEUE_LIMIT
-#                                            # seconds (default 480)
+#                                            # seconds (default 520)
 #   bash benchmarks/lent_gpu.sh prepare-speed   # HERE: 12 lite scans and the 12 full-resolution scans into
 #                                            # .gpu/speed (about 32 MiB)
 #   bash benchmarks/lent_gpu.sh speed        # carry .whl2 and .gpu/speed: training/inference speed at the
@@ -79,7 +79,7 @@ PY
     # /tmp survives between calls while the machine stays up; the carried folder does not
     [ -d /tmp/la_work ] || cp -a .gpu/la_work /tmp/la_work   # -a: the unlabeled data's stamp holds mtimes
     cp docs/semisup_ledger.jsonl docs/semisup_results.md "$OUT/"
-    limit=${QUEUE_LIMIT:-480}
+    limit=${QUEUE_LIMIT:-520}
     # the benchmark stops itself at its limit; timeout is the safety net (SIGTERM: it records what ran)
     timeout -s TERM $((limit + 40)) python3 -m benchmarks.la_semisup --queue "$QUEUE" --device cuda \
         --workdir /tmp/la_work --split /tmp/la_work/prepared/semi_split.json --time-limit "$limit" \

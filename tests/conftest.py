@@ -1,6 +1,7 @@
 """Shared fixtures: nnU-Net's folders in a temporary place, and tiny planned datasets."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -53,17 +54,30 @@ def training_environment(env: dict) -> dict:
 
 
 def plan_tiny_dataset(root: Path, dataset_id: int, patch_size=(16, 16, 16), configuration: str = "3d_fullres",
-                      **dataset_kwargs) -> dict:
-    """Create, plan (nnUNetv2_plan_and_preprocess) and preprocess a tiny dataset with small plans."""
+                      patch_size_2d: tuple[int, int] | None = None, **dataset_kwargs) -> dict:
+    """Create, plan (nnUNetv2_plan_and_preprocess) and preprocess a tiny dataset with small plans.
+
+    ``patch_size_2d``: the small plans get the 2d configuration as well, preprocessed in the same call (nnU-Net's
+    planner writes every configuration into nnUNetPlans; ``-c`` only selects what it preprocesses).
+    """
     env = nnunet_environment(root)
     make_dataset(env["nnUNet_raw"], dataset_id, **dataset_kwargs)
     # without --verify_dataset_integrity (17 s here): the converter's output is verified in test_conversion.py
     run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", configuration, "-np", "1", "--no_pp"], env)
     name = next(p.name for p in (root / "preprocessed").iterdir() if p.name.startswith(f"Dataset{dataset_id:03d}"))
-    derive_small_plans(str(root / "preprocessed" / name), patch_size, configuration=configuration,
-                       target_plans=SMALL_PLANS)
-    run(["nnUNetv2_preprocess", "-d", str(dataset_id), "-plans_name", SMALL_PLANS, "-c", configuration,
-         "-np", "1"], env)
+    base = root / "preprocessed" / name
+    derive_small_plans(str(base), patch_size, configuration=configuration, target_plans=SMALL_PLANS)
+    configurations = [configuration]
+    if patch_size_2d is not None:
+        # derive 2d into a file of its own, then merge it into the small plans
+        derive_small_plans(str(base), patch_size_2d, configuration="2d", target_plans=f"{SMALL_PLANS}2d")
+        small = json.loads((base / f"{SMALL_PLANS}.json").read_text())
+        small["configurations"]["2d"] = json.loads((base / f"{SMALL_PLANS}2d.json").read_text())["configurations"]["2d"]
+        small["configurations"]["2d"]["data_identifier"] = f"{SMALL_PLANS}_2d"
+        (base / f"{SMALL_PLANS}.json").write_text(json.dumps(small, indent=2))
+        configurations.append("2d")
+    run(["nnUNetv2_preprocess", "-d", str(dataset_id), "-plans_name", SMALL_PLANS, "-c", *configurations,
+         "-np", *["1"] * len(configurations)], env)
     return {"env": env, "root": root, "dataset_id": dataset_id, "dataset_name": name,
             "configuration": configuration}
 

@@ -11,26 +11,10 @@ from conftest import SMALL_PLANS, plan_tiny_dataset, run, training_environment
 
 @pytest.fixture(scope="module")
 def multi_dataset(tmp_path_factory):
-    """2 foreground classes, 2 input channels; planned for 3d_fullres and 2d."""
-    root = tmp_path_factory.mktemp("multi")
-    info = plan_tiny_dataset(root, 991, configuration="3d_fullres", n_labeled=5, n_unlabeled=3, n_test=1,
-                             num_classes=2, num_channels=2, seed=1)
-    env = info["env"]
-    run(["nnUNetv2_plan_and_preprocess", "-d", "991", "-c", "2d", "-np", "1", "--no_pp"], env)
-    from nnunet_sassnet.plans import derive_small_plans
-
-    # one plans file with both configurations: derive 2d into a second file, then merge
-    base = root / "preprocessed" / info["dataset_name"]
-    derive_small_plans(str(base), (16, 16), configuration="2d", target_plans="nnUNetPlansSmall2d")
-    import json
-
-    small = json.loads((base / f"{SMALL_PLANS}.json").read_text())
-    small2d = json.loads((base / "nnUNetPlansSmall2d.json").read_text())
-    small2d["configurations"]["2d"]["data_identifier"] = f"{SMALL_PLANS}_2d"
-    small["configurations"]["2d"] = small2d["configurations"]["2d"]
-    (base / f"{SMALL_PLANS}.json").write_text(json.dumps(small, indent=2))
-    run(["nnUNetv2_preprocess", "-d", "991", "-plans_name", SMALL_PLANS, "-c", "2d", "-np", "1"], env)
-    return info
+    """2 foreground classes, 2 input channels; small plans for 3d_fullres and 2d."""
+    return plan_tiny_dataset(tmp_path_factory.mktemp("multi"), 991, configuration="3d_fullres",
+                             patch_size_2d=(16, 16), n_labeled=5, n_unlabeled=3, n_test=1, num_classes=2,
+                             num_channels=2, seed=1)
 
 
 @pytest.mark.slow
@@ -51,7 +35,7 @@ def test_train_and_predict_multiclass_multichannel_through_the_cli(multi_dataset
     pred = tmp_path / "pred"
     run(["nnUNetv2_predict", "-i", str(root / "raw" / name / "imagesTs"), "-o", str(pred), "-d", "991", "-c",
          "3d_fullres", "-tr", trainer, "-p", SMALL_PLANS, "-f", "0", "-device", "cpu",
-         "--disable_progress_bar", "--disable_tta", "-npp", "1", "-nps", "1"], env)
+         "--disable_progress_bar", "--disable_tta", "-npp", "0", "-nps", "0"], env)
     seg = sitk.GetArrayFromImage(sitk.ReadImage(str(pred / "ts000.nii.gz")))
     assert seg.shape == (24, 24, 24) and set(np.unique(seg)) <= {0, 1, 2}
 

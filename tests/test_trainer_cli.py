@@ -87,7 +87,7 @@ def assert_sdm_head_idle_during_predict(env: dict, images: Path, output: Path, t
     os.environ.update({k: v for k, v in env.items() if k.startswith("nnUNet")})
     sys.argv = ["nnUNetv2_predict", "-i", str(images), "-o", str(output), "-d", "990", "-c", "3d_fullres",
                 "-tr", trainer, "-p", SMALL_PLANS, "-f", "0", "-device", "cpu", "--disable_progress_bar",
-                "--disable_tta", "-npp", "1", "-nps", "1"]
+                "--disable_tta", "-npp", "0", "-nps", "0"]  # no worker interpreters (the command above has them)
     try:
         from nnunetv2.inference.predict_from_raw_data import predict_entry_point
 
