@@ -14,6 +14,7 @@ from pathlib import Path
 from nnunet_sassnet.demo import config
 from nnunet_sassnet.demo.runner import (CaseCounter, Stages, StageFailed, TqdmMirror, TrainingProgress,
                                         format_seconds, run_tool, show_bars)
+from nnunet_sassnet.demo.synthetic_la import SyntheticLAConfig
 
 __all__ = ["Layout", "nnunet_environment", "run_demo"]
 
@@ -102,7 +103,7 @@ def _short_path(path: Path) -> str:
 
 # ---------------------------------------------------------------------------------------------- stages
 
-def generate_data(layout: Layout, seed: int, data) -> dict[str, list[str]]:
+def generate_data(layout: Layout, seed: int, data: SyntheticLAConfig) -> dict[str, list[str]]:
     from nnunet_sassnet.demo.synthetic_la import write_dataset
 
     return write_dataset(layout.synthetic, seed=seed, config=data, progress=show_bars())
@@ -168,14 +169,15 @@ def train(layout: Layout, trainer: str, num_epochs: int) -> TrainingProgress:
     return progress
 
 
-def predict(layout: Layout, trainer: str, num_cases: int, mirroring: bool = True) -> None:
+def predict(layout: Layout, trainer: str, num_cases: int, quick: bool = False) -> None:
     counter = CaseCounter(r"^Predicting \S+:", num_cases, "Predicting")
     try:
         run_tool(["nnUNetv2_predict", "-i", str(layout.raw_dataset / "imagesTs"), "-o", str(layout.predictions),
                   "-d", str(config.DATASET_ID), "-c", config.CONFIGURATION, "-p", config.PLANS, "-tr", trainer,
                   "-f", config.FOLD, "-device", "cpu"]
-                 # quick: no worker processes either (each would import torch and nnU-Net for two scans)
-                 + (["-npp", "1", "-nps", "1"] if mirroring else ["-npp", "0", "-nps", "0", "--disable_tta"]),
+                 # quick: no test-time mirroring (8 times fewer forward passes; the model has not learned anything)
+                 # and no worker processes (each would import torch and nnU-Net for two scans)
+                 + (["-npp", "0", "-nps", "0", "--disable_tta"] if quick else ["-npp", "1", "-nps", "1"]),
                  nnunet_environment(layout, 1), layout.logs / "6_predict.log", counter)
     finally:
         counter.close()
@@ -280,8 +282,7 @@ def run_demo(workdir: Path, seed: int, quick: bool, reuse: bool) -> dict:
         f"; Dice on nnU-Net's validation cases {progress.validation_dice:.3f}"
     stages.finish(f"Trained {trainer} with nnUNetv2_train on the CPU: {schedule['num_epochs']} epochs, {steps} "
                   f"steps{validation}")
-    # --quick: no test-time mirroring (8 times fewer forward passes; the model has not learned anything)
-    predict(layout, trainer, len(groups["test"]), mirroring=not quick)
+    predict(layout, trainer, len(groups["test"]), quick=quick)
     stages.finish(f"Predicted the {len(groups['test'])} test scans with nnUNetv2_predict"
                   + (" (no test-time mirroring)" if quick else ""))
     report = evaluate(layout)

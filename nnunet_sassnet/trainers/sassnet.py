@@ -20,7 +20,7 @@ from torch import nn
 
 from nnunet_sassnet.networks import SDMDiscriminator, discriminator_strides, unwrap_module
 from nnunet_sassnet.progress import BETA_KEY
-from nnunet_sassnet.trainers.semisupervised import keep_compiled_graphs_retainable, nnUNetTrainerSemiSupervised
+from nnunet_sassnet.trainers.semisupervised import nnUNetTrainerSemiSupervised
 
 __all__ = ["nnUNetTrainerSASSNet", "random_patch_indices"]
 
@@ -107,8 +107,6 @@ class nnUNetTrainerSASSNet(nnUNetTrainerSemiSupervised):
             # like nnU-Net's U-Net: D's small convolutions and the losses around them are launch-bound when
             # eager. Two graphs are traced (generator pass in eval mode, D's update in train mode)
             self.print_to_log_file(f"Compiling the discriminator (backend {self.discriminator_compile_backend})")
-            if self.gradient_probe_steps_per_epoch > 0:
-                keep_compiled_graphs_retainable()  # the probe backpropagates through D twice
             d = torch.compile(d, backend=self.discriminator_compile_backend)
         # the generator pass uses D without its DDP wrapper (that would trigger D's gradient reducer)
         self._generator_discriminator = d
@@ -123,6 +121,9 @@ class nnUNetTrainerSASSNet(nnUNetTrainerSemiSupervised):
         if self.compile_discriminator is not None:
             return self.compile_discriminator
         return self._do_i_compile()
+
+    def _compiles_anything(self) -> bool:
+        return super()._compiles_anything() or self._compile_discriminator()
 
     def _discriminator_labeled_indices(self) -> slice:
         """The labeled patches of a batch that D sees as "labeled" (a slice: no index copy to the GPU)."""

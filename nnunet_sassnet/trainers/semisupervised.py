@@ -92,9 +92,14 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainerSDM):
             if self.preprocessed_dataset_folder_base is not None else None
 
     def initialize(self):
-        if self.gradient_probe_steps_per_epoch > 0 and self._do_i_compile():
-            keep_compiled_graphs_retainable()  # before nnU-Net compiles the U-Net
+        if self.gradient_probe_steps_per_epoch > 0 and self._compiles_anything():
+            keep_compiled_graphs_retainable()  # before anything is compiled: the probe goes through it twice
         super().initialize()
+
+    def _compiles_anything(self) -> bool:
+        """Whether this trainer torch.compiles a network the gradient probe backpropagates through (the U-Net by
+        nnU-Net's rule; subclasses add their own networks)."""
+        return self._do_i_compile()
 
     # ---- schedule -----------------------------------------------------------------------------------------
     @property
