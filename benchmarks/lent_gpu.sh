@@ -13,7 +13,9 @@
 #                                            # .gpu/speed (about 32 MiB)
 #   bash benchmarks/lent_gpu.sh speed        # carry .whl2 and .gpu/speed: training/inference speed at the
 #                                            # 1.25 mm plan, then at the native 0.625 mm plan with the epoch
-#                                            # wall time of 250 iterations with loaders (train_speed.py)
+#                                            # wall time of 250 iterations with loaders (train_speed.py);
+#                                            # SPEED_FULL=0: 1.25 mm only; SPEED_LITE=0: 0.625 mm only;
+#                                            # EPOCH_ITERATIONS, EPOCH_WORKERS (default,8) shorten target 6
 #
 # After `queue`, copy $OUT/semisup_ledger.jsonl and $OUT/semisup_results.md over docs/ here: the ledger only
 # grows (every run of the call appended, the moment it ended), and the tables are regenerated from it.
@@ -61,15 +63,18 @@ PY
     git log -1 --format=%H 2>/dev/null | tee -a "$OUT/gpu.txt"
     # 1.25 mm plan (target 1 at <= 1.3), then the native 0.625 mm plan users train (<= 1.15, and target 6:
     # 250 iterations with the real loaders at nnU-Net's default worker count and at 8)
-    nnUNet_compile=t nnUNet_n_proc_DA=8 timeout "${SPEED_TIMEOUT:-200}" python3 benchmarks/train_speed.py --device cuda \
-        --data .gpu/speed/lite --workdir /tmp/speed --output "$OUT/train_speed_1.25mm.json" --warmup 8 --steps 25 \
-        --step-mark 1.3 > "$OUT/speed_1.25mm.log" 2>&1
-    echo "train_speed 1.25 mm exit $?"; grep -E "^(target|nnUNetTrainer|synchron|epoch|NVIDIA|cpu|written)" "$OUT/speed_1.25mm.log"
+    if [ "${SPEED_LITE:-1}" = 1 ]; then  # SPEED_LITE=0: the 0.625 mm plan only (carry .gpu/speed/h5 alone)
+      nnUNet_compile=t nnUNet_n_proc_DA=8 timeout "${SPEED_TIMEOUT:-200}" python3 benchmarks/train_speed.py --device cuda \
+          --data .gpu/speed/lite --workdir /tmp/speed --output "$OUT/train_speed_1.25mm.json" --warmup 8 --steps 25 \
+          --step-mark 1.3 > "$OUT/speed_1.25mm.log" 2>&1
+      echo "train_speed 1.25 mm exit $?"; grep -E "^(target|nnUNetTrainer|synchron|epoch|NVIDIA|cpu|written)" "$OUT/speed_1.25mm.log"
+    fi
     [ "${SPEED_FULL:-1}" = 1 ] || exit 0  # SPEED_FULL=0: the 1.25 mm plan only (carry .gpu/speed/lite alone)
     nnUNet_compile=t nnUNet_n_proc_DA=8 timeout "${SPEED_TIMEOUT_FULL:-330}" python3 benchmarks/train_speed.py \
         --device cuda --data .gpu/speed/h5 --spacing 0.625 --workdir /tmp/speed_full \
         --output "$OUT/train_speed_0.625mm.json" --warmup 8 --steps 20 --step-mark 1.15 \
-        --epoch-iterations "${EPOCH_ITERATIONS:-250}" --epoch-workers default,8 > "$OUT/speed_0.625mm.log" 2>&1
+        --epoch-iterations "${EPOCH_ITERATIONS:-250}" --epoch-workers "${EPOCH_WORKERS:-default,8}" \
+        > "$OUT/speed_0.625mm.log" 2>&1
     echo "train_speed 0.625 mm exit $?"; grep -E "^(target|nnUNetTrainer|synchron|epoch|NVIDIA|cpu|written)" "$OUT/speed_0.625mm.log"
     tail -5 "$OUT/speed_0.625mm.log" ;;
   queue)

@@ -258,13 +258,20 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-               "compile": os.environ.get("nnUNet_compile"), "steps": args.steps, "warmup": args.warmup}
+               "compile": os.environ.get("nnUNet_compile"), "steps": args.steps, "warmup": args.warmup,
+               "complete": False}
+    output = Path(args.output) if args.output else workdir / "train_speed.json"
+
+    def save() -> None:
+        # after every stage: a run stopped by the machine's time limit keeps what it measured
+        output.write_text(json.dumps(results, indent=2, default=float))
 
     stock = build_trainer("nnUNetTrainer", 701, plans, 4, device)
     batches = [_pin(next(stock.dataloader_train), device) for _ in range(8)]
     results["patch_size"] = list(stock.configuration_manager.patch_size)
     stop_loaders(stock)
     results["nnUNetTrainer_batch4"] = time_steps(stock, Cycle(batches), args.warmup, args.steps, device)
+    save()
     del stock
     torch.cuda.empty_cache() if device.type == "cuda" else None
 
@@ -275,9 +282,14 @@ def main(argv=None) -> int:
     sass.dataloader_unlabeled = Cycle(unlabeled)
     results["nnUNetTrainerSASSNet_2plus2"] = time_steps(sass, Cycle(labeled), args.warmup, args.steps, device)
     results["sdm_targets_s"] = time_sdm_targets(sass, labeled[0], 20 if not args.cpu_smoke else 2, device)
+    save()
+    step_ratio = (results["nnUNetTrainerSASSNet_2plus2"]["step_s_median"]
+                  / results["nnUNetTrainer_batch4"]["step_s_median"])
+    print(f"step ratio (target 1): {step_ratio:.3f}", flush=True)
     del sass
     results["inference"] = time_inference(701, plans, device, args.inference_runs, 5 if not args.cpu_smoke else 1,
                                           smoke=args.cpu_smoke)
+    save()
     if args.epoch_iterations:
         results["epochs"] = compare_epochs(
             lambda name: build_trainer(name, 701, plans, None, device), ("nnUNetTrainer", "nnUNetTrainerSASSNet"),
@@ -316,8 +328,8 @@ def main(argv=None) -> int:
         ok = value <= mark + 1e-9
         results["targets"][label] = {"value": value, "mark": mark, "pass": ok}
         print(f"target {label}: {value:.3f} (pass mark <= {mark}) {'PASS' if ok else 'MISS'}")
-    output = Path(args.output) if args.output else workdir / "train_speed.json"
-    output.write_text(json.dumps(results, indent=2, default=float))
+    results["complete"] = True
+    save()
     print(f"written {output}")
     return 0
 

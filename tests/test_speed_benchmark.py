@@ -30,6 +30,7 @@ def test_speed_benchmark_measures_every_target_in_one_run(tmp_path):
     figures = json.loads(output.read_text())
 
     assert figures["patch_size"] == [16, 16, 16] and figures["compile"] == "f"
+    assert figures["complete"] is True  # written after every stage; True only once every target is in
     targets = figures["targets"]
     assert [label.split()[0] for label in targets] == ["1", "2", "3", "5", "6"]
     assert all(math.isfinite(t["value"]) and t["value"] > 0 for t in targets.values())
