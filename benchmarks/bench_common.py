@@ -55,6 +55,13 @@ def prepare_la_dataset(workdir: Path, data_dir: Path, dataset_id: int, labeled: 
     split = {"labeled": cases[:labeled], "unlabeled": cases[labeled:labeled + unlabeled],
              "test": cases[labeled + unlabeled:needed]}
     split_file = workdir / f"split_{dataset_id}.json"
+    # a second call on the same folder (e.g. `train_speed.py --epochs-only` after a run cut short) reuses the
+    # dataset when everything that made it is the same; the stamp is written last, so a half-made one is redone
+    stamp_file = workdir / f"prepared_{dataset_id}.json"
+    stamp = {"data": str(data_dir.resolve()), "split": split, "spacing": spacing, "small_plans": small_plans}
+    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
+        return {**env, "BENCH_PLANS": "nnUNetPlansSmall" if small_plans else "nnUNetPlans"}
+    stamp_file.unlink(missing_ok=True)
     split_file.write_text(json.dumps(split, indent=2))
     convert_la2018(str(data_dir), dataset_id, name="LA", split=str(split_file), spacing=spacing,
                    overwrite=True, raw_dir=env["nnUNet_raw"], progress=False)
@@ -78,4 +85,5 @@ def prepare_la_dataset(workdir: Path, data_dir: Path, dataset_id: int, labeled: 
                                                             "-np", str(processes)], env,
                     logs / f"unlabeled_{dataset_id}.log")
     env["BENCH_PLANS"] = plans
+    stamp_file.write_text(json.dumps(stamp, indent=2))
     return env

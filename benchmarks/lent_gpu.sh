@@ -15,7 +15,8 @@
 #                                            # 1.25 mm plan, then at the native 0.625 mm plan with the epoch
 #                                            # wall time of 250 iterations with loaders (train_speed.py);
 #                                            # SPEED_FULL=0: 1.25 mm only; SPEED_LITE=0: 0.625 mm only;
-#                                            # EPOCH_ITERATIONS, EPOCH_WORKERS (default,8) shorten target 6
+#                                            # EPOCH_ITERATIONS, EPOCH_WORKERS (default,8) shorten target 6;
+#                                            # SPEED_EPOCHS_ONLY=1: target 6 alone at 0.625 mm
 #
 # After `queue`, copy $OUT/semisup_ledger.jsonl and $OUT/semisup_results.md over docs/ here: the ledger only
 # grows (every run of the call appended, the moment it ended), and the tables are regenerated from it.
@@ -74,7 +75,7 @@ PY
         --device cuda --data .gpu/speed/h5 --spacing 0.625 --workdir /tmp/speed_full \
         --output "$OUT/train_speed_0.625mm.json" --warmup 8 --steps 20 --step-mark 1.15 \
         --epoch-iterations "${EPOCH_ITERATIONS:-250}" --epoch-workers "${EPOCH_WORKERS:-default,8}" \
-        > "$OUT/speed_0.625mm.log" 2>&1
+        ${SPEED_EPOCHS_ONLY:+--epochs-only} > "$OUT/speed_0.625mm.log" 2>&1
     echo "train_speed 0.625 mm exit $?"; grep -E "^(target|nnUNetTrainer|synchron|epoch|NVIDIA|cpu|written)" "$OUT/speed_0.625mm.log"
     tail -5 "$OUT/speed_0.625mm.log" ;;
   queue)

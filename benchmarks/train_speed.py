@@ -216,6 +216,21 @@ def time_inference(dataset_id: int, plans: str, device, runs: int, num_volumes: 
             "ratio": medians["nnUNetTrainerSASSNet"] / medians["nnUNetTrainer"]}
 
 
+def step_target_lines(results: dict, step_mark: float, device) -> list[tuple[str, float, float]]:
+    """Targets 1-5 as (label, value, pass mark) from the figures of one run."""
+    base, ours = results["nnUNetTrainer_batch4"], results["nnUNetTrainerSASSNet_2plus2"]
+    lines = [
+        ("1 step 2L+2U vs nnUNetTrainer batch 4", ours["step_s_median"] / base["step_s_median"], step_mark),
+        ("2 SDM targets share of the SASSNet step", results["sdm_targets_s"] / ours["step_s_median"], 0.05),
+        ("3 U-Net forward passes per step", ours["forward_passes_per_step"], 1.0),
+    ]
+    if device.type == "cuda":
+        lines.append(("4 peak GPU memory vs nnUNetTrainer batch 4",
+                      ours["peak_memory_gib"] / base["peak_memory_gib"], 1.2))
+    lines.append(("5 sliding-window inference vs nnU-Net's network", results["inference"]["ratio"], 1.02))
+    return lines
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="UA-MT-layout LA scans (default: the 1.25 mm copy)")
@@ -235,9 +250,13 @@ def main(argv=None) -> int:
     parser.add_argument("--epoch-workers", default="default,8",
                         help="nnUNet_n_proc_DA values for target 6, comma-separated ('default': unset, nnU-Net's "
                              "own choice for the machine)")
+    parser.add_argument("--epochs-only", action="store_true",
+                        help="target 6 alone (a call that has targets 1-5 already, e.g. one cut short)")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny plans and few steps (CI)")
     parser.add_argument("--output", help="JSON file for the figures (default: <workdir>/train_speed.json)")
     args = parser.parse_args(argv)
+    if args.epochs_only and not (args.epoch_iterations or args.cpu_smoke):
+        parser.error("--epochs-only measures target 6 alone: give --epoch-iterations N too")
 
     workdir = Path(args.workdir).resolve()
     env = prepare_la_dataset(workdir, Path(args.data), dataset_id=701, labeled=args.labeled,
@@ -266,62 +285,57 @@ def main(argv=None) -> int:
         # after every stage: a run stopped by the machine's time limit keeps what it measured
         output.write_text(json.dumps(results, indent=2, default=float))
 
-    stock = build_trainer("nnUNetTrainer", 701, plans, 4, device)
-    batches = [_pin(next(stock.dataloader_train), device) for _ in range(8)]
-    results["patch_size"] = list(stock.configuration_manager.patch_size)
-    stop_loaders(stock)
-    results["nnUNetTrainer_batch4"] = time_steps(stock, Cycle(batches), args.warmup, args.steps, device)
-    save()
-    del stock
-    torch.cuda.empty_cache() if device.type == "cuda" else None
+    if not args.epochs_only:
+        stock = build_trainer("nnUNetTrainer", 701, plans, 4, device)
+        batches = [_pin(next(stock.dataloader_train), device) for _ in range(8)]
+        results["patch_size"] = list(stock.configuration_manager.patch_size)
+        stop_loaders(stock)
+        results["nnUNetTrainer_batch4"] = time_steps(stock, Cycle(batches), args.warmup, args.steps, device)
+        save()
+        del stock
+        torch.cuda.empty_cache() if device.type == "cuda" else None
 
-    sass = build_trainer("nnUNetTrainerSASSNet", 701, plans, 2, device)
-    labeled = [_pin(next(sass.dataloader_train), device) for _ in range(8)]
-    unlabeled = [_pin(next(sass.dataloader_unlabeled), device) for _ in range(8)]
-    stop_loaders(sass)
-    sass.dataloader_unlabeled = Cycle(unlabeled)
-    results["nnUNetTrainerSASSNet_2plus2"] = time_steps(sass, Cycle(labeled), args.warmup, args.steps, device)
-    results["sdm_targets_s"] = time_sdm_targets(sass, labeled[0], 20 if not args.cpu_smoke else 2, device)
-    save()
-    step_ratio = (results["nnUNetTrainerSASSNet_2plus2"]["step_s_median"]
-                  / results["nnUNetTrainer_batch4"]["step_s_median"])
-    print(f"step ratio (target 1): {step_ratio:.3f}", flush=True)
-    del sass
-    results["inference"] = time_inference(701, plans, device, args.inference_runs, 5 if not args.cpu_smoke else 1,
-                                          smoke=args.cpu_smoke)
-    save()
+        sass = build_trainer("nnUNetTrainerSASSNet", 701, plans, 2, device)
+        labeled = [_pin(next(sass.dataloader_train), device) for _ in range(8)]
+        unlabeled = [_pin(next(sass.dataloader_unlabeled), device) for _ in range(8)]
+        stop_loaders(sass)
+        sass.dataloader_unlabeled = Cycle(unlabeled)
+        results["nnUNetTrainerSASSNet_2plus2"] = time_steps(sass, Cycle(labeled), args.warmup, args.steps, device)
+        results["sdm_targets_s"] = time_sdm_targets(sass, labeled[0], 20 if not args.cpu_smoke else 2, device)
+        save()
+        step_ratio = (results["nnUNetTrainerSASSNet_2plus2"]["step_s_median"]
+                      / results["nnUNetTrainer_batch4"]["step_s_median"])
+        print(f"step ratio (target 1): {step_ratio:.3f}", flush=True)
+        del sass
+        results["inference"] = time_inference(701, plans, device, args.inference_runs,
+                                              5 if not args.cpu_smoke else 1, smoke=args.cpu_smoke)
+        save()
     if args.epoch_iterations:
         results["epochs"] = compare_epochs(
             lambda name: build_trainer(name, 701, plans, None, device), ("nnUNetTrainer", "nnUNetTrainerSASSNet"),
             epoch_workers, args.epoch_iterations, args.epoch_warmup, lambda: synchronize(device), stop_loaders)
 
-    base = results["nnUNetTrainer_batch4"]
-    ours = results["nnUNetTrainerSASSNet_2plus2"]
-    lines = [
-        ("1 step 2L+2U vs nnUNetTrainer batch 4", ours["step_s_median"] / base["step_s_median"], args.step_mark),
-        ("2 SDM targets share of the SASSNet step", results["sdm_targets_s"] / ours["step_s_median"], 0.05),
-        ("3 U-Net forward passes per step", ours["forward_passes_per_step"], 1.0),
-    ]
-    if device.type == "cuda":
-        lines.append(("4 peak GPU memory vs nnUNetTrainer batch 4",
-                      ours["peak_memory_gib"] / base["peak_memory_gib"], 1.2))
-    lines.append(("5 sliding-window inference vs nnU-Net's network", results["inference"]["ratio"], 1.02))
+    lines = [] if args.epochs_only else step_target_lines(results, args.step_mark, device)
     for record in results.get("epochs", []):
         workers = record["nnUNet_n_proc_DA"]
         lines.append((f"6 wall time of {args.epoch_iterations} iterations with loaders, nnUNet_n_proc_DA="
                       f"{'default' if workers is None else workers}", record["wall_ratio"], 1.25))
     results["targets"] = {}
     print(f"\n{results['device']}, {results['date']}, torch {results['torch']}, nnUNet_compile="
-          f"{results['compile']}, patch {results['patch_size']}")
-    print(f"nnUNetTrainer batch 4: {base['step_s_median'] * 1000:.1f} ms/step; "
-          f"SASSNet 2+2: {ours['step_s_median'] * 1000:.1f} ms/step; "
-          f"SDM targets: {results['sdm_targets_s'] * 1000:.2f} ms")
-    if device.type == "cuda":
-        print(f"synchronisations per step: nnUNetTrainer {base['syncs_per_step']}, SASSNet {ours['syncs_per_step']}")
+          f"{results['compile']}, patch {results.get('patch_size', '(from the loaders)')}")
+    if not args.epochs_only:
+        base, ours = results["nnUNetTrainer_batch4"], results["nnUNetTrainerSASSNet_2plus2"]
+        print(f"nnUNetTrainer batch 4: {base['step_s_median'] * 1000:.1f} ms/step; "
+              f"SASSNet 2+2: {ours['step_s_median'] * 1000:.1f} ms/step; "
+              f"SDM targets: {results['sdm_targets_s'] * 1000:.2f} ms")
+        if device.type == "cuda":
+            print(f"synchronisations per step: nnUNetTrainer {base['syncs_per_step']}, "
+                  f"SASSNet {ours['syncs_per_step']}")
     for record in results.get("epochs", []):
         for name in ("nnUNetTrainer", "nnUNetTrainerSASSNet"):
             r = record[name]
-            print(f"epoch {name} nnUNet_n_proc_DA={'default' if record['nnUNet_n_proc_DA'] is None else record['nnUNet_n_proc_DA']}: {r['wall_s']:.1f} s for "
+            workers = "default" if record["nnUNet_n_proc_DA"] is None else record["nnUNet_n_proc_DA"]
+            print(f"epoch {name} nnUNet_n_proc_DA={workers}: {r['wall_s']:.1f} s for "
                   f"{r['iterations']} iterations, {r['augmentation_processes']} augmentation processes, GPU "
                   f"waiting for batches {100 * r['idle_fraction']:.0f} %")
     for label, value, mark in lines:

@@ -178,6 +178,7 @@ def test_results_document_is_regenerated_from_the_ledger(smoke):
         expected = {c: 100 * (entry["cases"][c]["dice"] - base["cases"][c]["dice"]) for c in base["cases"]}
         assert pair["per_case_points"] == pytest.approx(expected)
         assert pair["wins"] == sum(d > 0 for d in expected.values()) and pair["n"] == 2
+        assert pair["median_dice_diff_points"] == pytest.approx(sum(expected.values()) / 2)  # two scans
         row = next(line for line in text.splitlines() if line.startswith(f"| {entry['title']} | 0 |"))
         assert f"{pair['mean_dice_diff_points']:.2f} ± {pair['std_dice_diff_points']:.2f}" in row
         assert "| same call |" in row
@@ -264,6 +265,17 @@ def test_imported_seed0_baseline_is_reused_by_the_queue(tmp_path):
         sassnet = next(r for r in runs if r.key == "nnUNetTrainerSASSNet/s0")
         sassnet.settings = class_settings(nnUNetTrainerSASSNet)
         assert ledger.identity(ledger.new_entry(sassnet, proto, make_split(s), {}, {})) != ledger.identity(old)
+
+
+def test_recorded_trainer_settings_include_those_of_mixins():
+    """DTC's settings live on a mixin that is not an nnUNetTrainer; a run's record must still name them."""
+    from benchmarks.la_semisup.trainer_lookup import class_settings
+    from nnunet_sassnet.trainers import nnUNetTrainerDTC, nnUNetTrainerDTCSASSNet
+
+    dtc = class_settings(nnUNetTrainerDTC)
+    assert dtc["dtc_weight_max"] == 1.0 and dtc["dtc_heaviside_k"] == 1500.0 and dtc["sdm_loss_weight"] == 0.3
+    both = class_settings(nnUNetTrainerDTCSASSNet)
+    assert both["dtc_weight_max"] == 1.0 and both["adversarial_weight_max"] == 0.015
 
 
 @pytest.mark.parametrize("content, message", [

@@ -49,3 +49,16 @@ def test_speed_benchmark_measures_every_target_in_one_run(tmp_path):
     assert epochs["wall_ratio"] == pytest.approx(ours["wall_s"] / stock["wall_s"])
     for line in ("target 1 ", "target 6 wall time of 2 iterations with loaders, nnUNet_n_proc_DA=1"):
         assert line in result.stdout
+
+    # a call cut short after targets 1-5 is completed by target 6 alone, on the dataset the first call made
+    again, plan_log = tmp_path / "epochs.json", tmp_path / "work" / "logs" / "plan_701.log"
+    planned = plan_log.stat().st_mtime_ns
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_speed.py"), "--device", "cpu",
+                             "--cpu-smoke", "--epochs-only", "--data", str(LA_LITE), "--workdir",
+                             str(tmp_path / "work"), "--labeled", "2", "--unlabeled", "2", "--output", str(again)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    figures = json.loads(again.read_text())
+    assert [label.split()[0] for label in figures["targets"]] == ["6"] and figures["complete"] is True
+    assert "nnUNetTrainer_batch4" not in figures and len(figures["epochs"]) == 1
+    assert plan_log.stat().st_mtime_ns == planned  # the prepared dataset was reused, not planned again

@@ -47,7 +47,11 @@ def paired(entry: dict[str, Any], base: dict[str, Any]) -> dict[str, Any] | None
         return None
     mean = sum(diffs) / len(diffs)
     std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / len(diffs))
+    ordered = sorted(diffs)
+    middle = len(ordered) // 2
+    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
     return {"n": len(diffs), "mean_dice_diff_points": mean, "std_dice_diff_points": std,
+            "median_dice_diff_points": median,
             "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs), "losses": sum(d < 0 for d in diffs),
             "wilcoxon_p": _wilcoxon(diffs), "per_case_points": dict(zip(cases, diffs))}
 
@@ -173,9 +177,10 @@ def ledger_sections(entries: list[dict[str, Any]]) -> str:
                 f"{'on' if proto['test_time_mirroring'] else 'off'}, step size {proto['step_size']}, "
                 f"{proto['spacing_mm']} mm, nnU-Net "
                 f"{proto['nnunet']}{' (CPU smoke run: numbers meaningless)' if proto.get('cpu_smoke') else ''}.", "",
-                "**Summary over the seeds** (latest done run of each; ΔDice in points against nnUNetTrainer of the "
-                "same seed, wins out of the evaluation scans):", "",
-                "| Run | " + " | ".join(f"Seed {s} ΔDice (wins)" for s in SEEDS_REPORTED) + " | Mean ΔDice | "
+                "**Summary over the seeds** (latest done run of each; ΔDice: mean per-scan difference in points "
+                "against nnUNetTrainer of the same seed, then the wins out of the evaluation scans and the median "
+                "difference, which one scan cannot carry):", "",
+                "| Run | " + " | ".join(f"Seed {s} ΔDice (wins; median)" for s in SEEDS_REPORTED) + " | Mean ΔDice | "
                 "Runs recorded |", "|---|" + "---|" * (len(SEEDS_REPORTED) + 2)]
         variants: dict[tuple, list[dict[str, Any]]] = {}
         for entry in mine:
@@ -189,7 +194,8 @@ def ledger_sections(entries: list[dict[str, Any]]) -> str:
                     cells.append("(baseline)")
                     continue
                 pair = paired(done[-1], base) if done and base else None
-                cells.append(f"{pair['mean_dice_diff_points']:+.2f} ({pair['wins']}/{pair['n']})" if pair else "—")
+                cells.append(f"{pair['mean_dice_diff_points']:+.2f} ({pair['wins']}/{pair['n']}; "
+                             f"{pair['median_dice_diff_points']:+.2f})" if pair else "—")
                 if pair:
                     deltas.append(pair["mean_dice_diff_points"])
             mean = f"{sum(deltas) / len(deltas):+.2f}" if len(deltas) == len(SEEDS_REPORTED) else "—"

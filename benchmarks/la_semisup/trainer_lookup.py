@@ -102,9 +102,12 @@ def class_settings(cls: type) -> dict[str, Any]:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     settings: dict[str, Any] = {}
-    for klass in cls.__mro__:
-        if klass is nnUNetTrainer or not issubclass(klass, nnUNetTrainer):
-            break
+    # every class before nnUNetTrainer in the MRO, mixins included (DTC's settings live on a mixin that is no
+    # nnUNetTrainer itself). The first class that names an attribute wins; an attribute that a subclass turns
+    # into a property keeps its base value here (SASSNet's unlabeled_weight_max), so that the identities of
+    # recorded runs stay what they were
+    mro = cls.__mro__
+    for klass in mro[:mro.index(nnUNetTrainer)] if nnUNetTrainer in mro else ():
         for name, value in vars(klass).items():
             if name not in settings and not callable(value) and not isinstance(value, (property, staticmethod,
                                                                                       classmethod)) \
