@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
+from nnunet_sassnet import warm_start
+
 __all__ = ["ENTRY_POINTS", "tool_command", "entry_command", "nnunet_environment", "ToolRun", "run_tool",
            "stop_process_group", "log_tail"]
 
@@ -42,6 +44,11 @@ def entry_command(module: str, function: str, argv: Iterable[object]) -> list[st
     code = (f"import sys; sys.argv = {[function, *map(str, argv)]!r}; from {module} import {function} as f; "
             f"r = f(); sys.exit(r if isinstance(r, int) else 0)")
     return [sys.executable, "-c", code]
+
+
+#: what :func:`entry_command` writes after ``-c`` (read back by :mod:`nnunet_sassnet.warm_start`)
+ENTRY_COMMAND_PATTERN = (r"import sys; sys\.argv = (?P<argv>\[.*\]); from (?P<module>[\w.]+) import "
+                         r"(?P<function>\w+) as f; r = f\(\); sys\.exit\(r if isinstance\(r, int\) else 0\)")
 
 
 def tool_command(tool: str, argv: Iterable[object]) -> list[str]:
@@ -131,8 +138,12 @@ def run_tool(cmd: Sequence[str], env: Mapping[str, str], log_file: Path | None =
     start = time.monotonic()
     timed_out = threading.Event()
     try:
-        process = subprocess.Popen(list(cmd), env=dict(env), cwd=cwd, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        entry = warm_start.entry_of(cmd) if warm_start.enabled(env) else None
+        if entry is not None:
+            process = warm_start.WarmProcess(*entry, env=env, cwd=cwd)
+        else:
+            process = subprocess.Popen(list(cmd), env=dict(env), cwd=cwd, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     except BaseException:
         if log is not None:
             log.close()
@@ -190,7 +201,11 @@ def stop_process_group(process: subprocess.Popen, grace: float = 10.0) -> None:
         try:
             os.killpg(process.pid, sig)
         except (ProcessLookupError, PermissionError):
-            return
+            # a warm-started command may not lead its group yet (it calls setsid first thing): the process
+            try:
+                os.kill(process.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                return
         try:
             process.wait(timeout=wait)
             return

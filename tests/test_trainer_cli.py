@@ -54,7 +54,7 @@ def test_train_and_predict_through_stock_cli(tiny_dataset, sassnet_fold0, tmp_pa
     pred_dir = tmp_path / "pred"
     run(["nnUNetv2_predict", "-i", str(root / "raw" / name / "imagesTs"), "-o", str(pred_dir), "-d", "990",
          "-c", "3d_fullres", "-tr", trainer, "-p", SMALL_PLANS, "-f", "0", "-device", "cpu",
-         "--disable_progress_bar", "--disable_tta", "-npp", "1", "-nps", "1"], env)
+         "--disable_progress_bar", "--disable_tta", "-npp", "1", "-nps", "1"], env, plain=True)
     predictions = sorted(pred_dir.glob("*.nii.gz"))
     assert [p.name for p in predictions] == ["ts000.nii.gz", "ts001.nii.gz"]
     for p in predictions:
