@@ -48,6 +48,8 @@ def prepare_la_dataset(workdir: Path, data_dir: Path, dataset_id: int, labeled: 
 
     workdir.mkdir(parents=True, exist_ok=True)
     env = nnunet_env(workdir)
+    plans = "nnUNetPlansSmall" if small_plans else "nnUNetPlans"
+    env["BENCH_PLANS"] = plans
     cases = present_training_cases(data_dir)
     needed = labeled + unlabeled + test
     if len(cases) < needed:
@@ -60,7 +62,7 @@ def prepare_la_dataset(workdir: Path, data_dir: Path, dataset_id: int, labeled: 
     stamp_file = workdir / f"prepared_{dataset_id}.json"
     stamp = {"data": str(data_dir.resolve()), "split": split, "spacing": spacing, "small_plans": small_plans}
     if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
-        return {**env, "BENCH_PLANS": "nnUNetPlansSmall" if small_plans else "nnUNetPlans"}
+        return env
     stamp_file.unlink(missing_ok=True)
     split_file.write_text(json.dumps(split, indent=2))
     convert_la2018(str(data_dir), dataset_id, name="LA", split=str(split_file), spacing=spacing,
@@ -72,18 +74,15 @@ def prepare_la_dataset(workdir: Path, data_dir: Path, dataset_id: int, labeled: 
                     plan_env, logs / f"plan_{dataset_id}.log")
         name = next(p.name for p in (workdir / "preprocessed").iterdir() if p.name.startswith(f"Dataset{dataset_id}"))
         derive_small_plans(str(workdir / "preprocessed" / name), (16, 16, 16), features_per_stage=(8, 16, 32),
-                           target_plans="nnUNetPlansSmall")
-        plans = "nnUNetPlansSmall"
+                           target_plans=plans)
         nnunet_tool("nnUNetv2_preprocess", ["-d", str(dataset_id), "-plans_name", plans, "-c", "3d_fullres",
                                             "-np", str(processes)], plan_env, logs / f"preprocess_{dataset_id}.log")
     else:
-        plans = "nnUNetPlans"
         nnunet_tool("nnUNetv2_plan_and_preprocess", ["-d", str(dataset_id), "-c", "3d_fullres",
                                                      "-np", str(processes)], plan_env, logs / f"plan_{dataset_id}.log")
     if unlabeled:
         nnunet_tool("nnunet_sassnet_preprocess_unlabeled", ["-d", str(dataset_id), "-c", "3d_fullres", "-p", plans,
                                                             "-np", str(processes)], env,
                     logs / f"unlabeled_{dataset_id}.log")
-    env["BENCH_PLANS"] = plans
     stamp_file.write_text(json.dumps(stamp, indent=2))
     return env

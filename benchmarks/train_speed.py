@@ -322,7 +322,7 @@ def main(argv=None) -> int:
                       f"{'default' if workers is None else workers}", record["wall_ratio"], 1.25))
     results["targets"] = {}
     print(f"\n{results['device']}, {results['date']}, torch {results['torch']}, nnUNet_compile="
-          f"{results['compile']}, patch {results.get('patch_size', '(from the loaders)')}")
+          f"{results['compile']}, patch {results.get('patch_size', 'not recorded (--epochs-only)')}")
     if not args.epochs_only:
         base, ours = results["nnUNetTrainer_batch4"], results["nnUNetTrainerSASSNet_2plus2"]
         print(f"nnUNetTrainer batch 4: {base['step_s_median'] * 1000:.1f} ms/step; "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
@@ -47,11 +48,8 @@ def paired(entry: dict[str, Any], base: dict[str, Any]) -> dict[str, Any] | None
         return None
     mean = sum(diffs) / len(diffs)
     std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / len(diffs))
-    ordered = sorted(diffs)
-    middle = len(ordered) // 2
-    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
     return {"n": len(diffs), "mean_dice_diff_points": mean, "std_dice_diff_points": std,
-            "median_dice_diff_points": median,
+            "median_dice_diff_points": statistics.median(diffs),
             "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs), "losses": sum(d < 0 for d in diffs),
             "wilcoxon_p": _wilcoxon(diffs), "per_case_points": dict(zip(cases, diffs))}
 
