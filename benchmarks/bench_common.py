@@ -5,9 +5,12 @@ started through its entry function (:mod:`nnunet_sassnet.nnunet_tools`).
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 from nnunet_sassnet import nnunet_tools as tools
 
@@ -18,6 +21,21 @@ def nnunet_tool(tool: str, args: list[str], env: dict, log_file: Path) -> None:
     if not result.ok:
         raise RuntimeError(f"{tool} {' '.join(args)} failed ({result.error}); log {log_file}:\n"
                            f"{tools.log_tail(log_file, 60)}")
+
+
+def exit_without_native_teardown(code: int) -> NoReturn:
+    """End the process with ``code`` after Python's own exit steps, without the native libraries' ones.
+
+    For the benchmarks' long-lived processes, whose results are written by then: SimpleITK's exit handler (C++
+    static destructors) has spun forever walking a ``std::map`` (train_speed, 2026-11-26; gdb:
+    ``__run_exit_handlers -> _SimpleITK.abi3.so -> std::_Rb_tree_increment``) and aborted with "double free or
+    corruption" (la_semisup on CI, 2026-11-27, exit -6), each time after every figure had been written. What
+    Python registered (``atexit``: multiprocessing's clean-up of children, logging) still runs first.
+    """
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def present_training_cases(data_dir: Path) -> list[str]:

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -38,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "la2018_uamt_lite_1.25mm"
 
 # the script's own folder (on sys.path when run as a script)
-from bench_common import prepare_la_dataset
+from bench_common import exit_without_native_teardown, prepare_la_dataset
 from epoch_timing import compare_epochs
 
 
@@ -349,10 +348,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    # The figures are written. Leave without the libraries' exit handlers: after the in-process trainers,
-    # SimpleITK's handler once spun forever walking a std::map (2026-11-26, CPU smoke run; gdb showed
-    # __run_exit_handlers -> _SimpleITK.abi3.so -> std::_Rb_tree_increment), which would hang a CI run.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_without_native_teardown(main())

@@ -21,8 +21,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 from nnunet_sassnet import warm_start
 
-__all__ = ["ENTRY_POINTS", "tool_command", "entry_command", "nnunet_environment", "ToolRun", "run_tool",
-           "stop_process_group", "log_tail"]
+__all__ = ["ENTRY_POINTS", "tool_command", "entry_command", "nnunet_environment", "cap_torch_threads", "ToolRun",
+           "run_tool", "stop_process_group", "log_tail"]
 
 #: the console scripts that the project starts, as ``module:function`` (the same as their installed scripts)
 ENTRY_POINTS: dict[str, str] = {
@@ -92,6 +92,23 @@ def nnunet_environment(raw: str | Path, preprocessed: str | Path, results: str |
             Path(folder).mkdir(parents=True, exist_ok=True)
     return env
 
+
+
+def cap_torch_threads(env: Mapping[str, str] | None = None) -> int:
+    """Keep torch within ``OMP_NUM_THREADS`` (of ``env``, default this process's environment); returns the
+    thread count now in use.
+
+    ``nnUNetv2_train`` and ``nnUNetv2_predict`` with ``-device cpu`` set one torch thread per core whatever
+    ``OMP_NUM_THREADS`` says, so two CPU trainings side by side each run one thread per core; with OpenMP's
+    waiting threads that is several times slower than one thread each (two processes on two cores: 6x). Only
+    ever lowers the count (on the GPU nnU-Net already uses one thread); without the variable nothing changes.
+    """
+    import torch
+
+    value = (os.environ if env is None else env).get("OMP_NUM_THREADS", "").strip()
+    if value.isdigit() and 0 < int(value) < torch.get_num_threads():
+        torch.set_num_threads(int(value))
+    return torch.get_num_threads()
 
 @dataclass
 class ToolRun:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +153,28 @@ def test_user_subclass_in_another_folder_is_found(tiny_dataset, tmp_path, monkey
                                                              str(user_dir)]))
     cls = recursive_find_trainer_class_by_name("nnUNetTrainerSASSNetStrongerGAN")
     assert issubclass(cls, trainers.nnUNetTrainerSASSNet) and cls.adversarial_weight_max == 0.01
+
+
+THREADS_PROBE = """
+import os, sys, torch
+from nnunetv2.run.run_training import get_trainer_from_args
+seen = []
+for limit in ("1", "64"):
+    os.environ["OMP_NUM_THREADS"] = limit
+    torch.set_num_threads(2)  # what nnUNetv2_train and nnUNetv2_predict -device cpu do on two cores
+    trainer = get_trainer_from_args("990", "3d_fullres", 0, "nnUNetTrainerSASSNet_smoke", sys.argv[1],
+                                    device=torch.device("cpu"))
+    seen.append(torch.get_num_threads())
+    torch.set_num_threads(2)
+    type(trainer).build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 2, False)
+    seen.append(torch.get_num_threads())
+print("threads", *seen)
+"""
+
+
+def test_cpu_trainings_and_predictions_keep_to_omp_num_threads(tiny_dataset):
+    """nnU-Net's CPU commands set one torch thread per core; the trainer (training) and its network builder
+    (the hook nnUNetv2_predict calls) bring it down to OMP_NUM_THREADS, and never raise it."""
+    env = {k: v for k, v in training_environment(tiny_dataset["env"]).items() if k != "OMP_NUM_THREADS"}
+    result = run([sys.executable, "-c", THREADS_PROBE, SMALL_PLANS], env)
+    assert "threads 1 1 2 2" in result.stdout, result.stdout[-2000:]

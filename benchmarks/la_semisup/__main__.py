@@ -12,6 +12,7 @@ from typing import Any, Sequence
 from nnunet_sassnet.discovery import trainer_dir
 from nnunet_sassnet.errors import UserInputError, run_cli
 
+from benchmarks.bench_common import exit_without_native_teardown
 from benchmarks.la_semisup import ledger, tables
 from benchmarks.la_semisup.environment import environment_info, record_source
 from benchmarks.la_semisup.preparation import convert_datasets, prepare_in_background
@@ -201,4 +202,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_native_teardown(main())

@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"smoke 2]")
     g.add_argument("--workers-per-run", type=int, default=None,
                    help="nnUNet_n_proc_DA of each training (0: augmentation in the training process); also the "
-                        "predictor's -npp/-nps [3; smoke 0]")
+                        "predictor's -npp/-nps (0 and 0: nnU-Net's sequential predictor) [3; smoke 0]")
     g.add_argument("--workers-semi", type=int, default=None,
                    help="nnUNet_n_proc_DA of semi-supervised trainings, whose unlabeled loader gets half of it "
                         "[4; smoke 0]")

@@ -80,7 +80,8 @@ def _predict(b: Supervisor, run: RunSpec, step: str, dataset_id: int, images: Pa
              **folders: Path) -> StepResult:
     """``nnUNetv2_predict`` of a trained model on a folder of images."""
     s = b.s
-    workers = str(max(1, s.workers_per_run))
+    # 0 and 0: nnU-Net's sequential predictor, in the predicting process (no spawned workers to start)
+    workers = str(max(0, s.workers_per_run))
     cmd = tools.tool_command("nnUNetv2_predict", [
         "-i", images, "-o", output, "-d", dataset_id, "-c", CONFIGURATION, "-tr", run.bench_trainer, "-p", s.plans,
         "-f", "all", "-device", s.device, "-step_size", s.step_size, "-npp", workers, "-nps", workers,

@@ -24,6 +24,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from nnunet_sassnet.errors import install_excepthook
 from nnunet_sassnet.networks import SASSNetwork, unwrap_module
+from nnunet_sassnet.nnunet_tools import cap_torch_threads
 from nnunet_sassnet.progress import SASSNetLocalLogger
 from nnunet_sassnet.sdm import signed_distance_maps
 
@@ -68,6 +69,8 @@ class nnUNetTrainerSDM(nnUNetTrainer):
         # bad-input messages of our trainers read as one line under nnU-Net's own commands; installed here,
         # not at import, so that merely importing the package changes nothing
         install_excepthook()
+        # nnUNetv2_train -device cpu has just set one thread per core: OMP_NUM_THREADS, where given, wins
+        cap_torch_threads()
         super().__init__(plans, configuration, fold, dataset_json, device)
         if self.is_ddp and device.type == "cpu":
             # nnU-Net's DDP branch assumes CUDA; with gloo on the CPU the requested device stays
@@ -84,6 +87,8 @@ class nnUNetTrainerSDM(nnUNetTrainer):
                                    num_input_channels: int,
                                    num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
+        # the one hook of the trainer that nnUNetv2_predict calls (after its one-thread-per-core on the CPU)
+        cap_torch_threads()
         unet = get_network_from_plans(
             configuration_manager.network_arch_class_name,
             configuration_manager.network_arch_init_kwargs,

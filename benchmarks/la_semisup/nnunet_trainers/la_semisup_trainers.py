@@ -13,13 +13,17 @@ Without ``LA_SEMISUP_BASES`` the module defines no trainer.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
 import random
+from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from nnunet_sassnet.nnunet_tools import cap_torch_threads
 
 SUFFIX = "_LAbench"
 BASES_VARIABLE = "LA_SEMISUP_BASES"
@@ -44,6 +48,7 @@ class BenchmarkSchedule:
         # own seeds, as in stock nnU-Net
         if "LA_SEMISUP_SEED" in os.environ:
             seed_everything(int(os.environ["LA_SEMISUP_SEED"]))
+        cap_torch_threads()  # the stock nnUNetTrainer baseline too: concurrent CPU runs share the cores
         super().__init__(plans, configuration, fold, dataset_json, device)
         # nnU-Net assigns its schedule in __init__, so it is replaced afterwards
         for attribute, variable in SCHEDULE_VARIABLES.items():
@@ -75,7 +80,20 @@ def _define_trainers() -> None:
         bench_name = name + SUFFIX
         globals()[bench_name] = type(bench_name, (BenchmarkSchedule, base), {
             "__module__": __name__, "__qualname__": bench_name,
-            "__doc__": f"{name} with the benchmark run's seed and schedule."})
+            "__doc__": f"{name} with the benchmark run's seed and schedule.",
+            "build_network_architecture": _capped_builder(base.build_network_architecture)})
+
+
+def _capped_builder(build: Callable[..., Any]) -> staticmethod:
+    """``build`` after :func:`cap_torch_threads`: nnUNetv2_predict calls no other hook of the trainer. The
+    signature is kept (``functools.wraps``): nnU-Net reads it to choose how to call the hook."""
+
+    @functools.wraps(build)
+    def build_network_architecture(*args: Any, **kwargs: Any) -> Any:
+        cap_torch_threads()
+        return build(*args, **kwargs)
+
+    return staticmethod(build_network_architecture)
 
 
 _define_trainers()
