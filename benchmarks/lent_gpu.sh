@@ -16,7 +16,9 @@
 #                                            # wall time of 250 iterations with loaders (train_speed.py);
 #                                            # SPEED_FULL=0: 1.25 mm only; SPEED_LITE=0: 0.625 mm only;
 #                                            # EPOCH_ITERATIONS, EPOCH_WORKERS (default,8) shorten target 6;
-#                                            # SPEED_EPOCHS_ONLY=1: target 6 alone at 0.625 mm
+#                                            # SPEED_EPOCHS_ONLY=1: target 6 alone at 0.625 mm;
+#                                            # SPEED_VARIANTS (default nnUNetTrainerSASSNetHalfResD): also
+#                                            # timed on the same batches (target 1 and 4 lines each)
 #
 # After `queue`, copy $OUT/semisup_ledger.jsonl and $OUT/semisup_results.md over docs/ here: the ledger only
 # grows (every run of the call appended, the moment it ended), and the tables are regenerated from it.
@@ -67,13 +69,14 @@ PY
     if [ "${SPEED_LITE:-1}" = 1 ]; then  # SPEED_LITE=0: the 0.625 mm plan only (carry .gpu/speed/h5 alone)
       nnUNet_compile=t nnUNet_n_proc_DA=8 timeout "${SPEED_TIMEOUT:-200}" python3 benchmarks/train_speed.py --device cuda \
           --data .gpu/speed/lite --workdir /tmp/speed --output "$OUT/train_speed_1.25mm.json" --warmup 8 --steps 25 \
-          --step-mark 1.3 > "$OUT/speed_1.25mm.log" 2>&1
+          --step-mark 1.3 --variants ${SPEED_VARIANTS-nnUNetTrainerSASSNetHalfResD} > "$OUT/speed_1.25mm.log" 2>&1
       echo "train_speed 1.25 mm exit $?"; grep -E "^(target|nnUNetTrainer|synchron|epoch|NVIDIA|cpu|written)" "$OUT/speed_1.25mm.log"
     fi
     [ "${SPEED_FULL:-1}" = 1 ] || exit 0  # SPEED_FULL=0: the 1.25 mm plan only (carry .gpu/speed/lite alone)
     nnUNet_compile=t nnUNet_n_proc_DA=8 timeout "${SPEED_TIMEOUT_FULL:-330}" python3 benchmarks/train_speed.py \
         --device cuda --data .gpu/speed/h5 --spacing 0.625 --workdir /tmp/speed_full \
         --output "$OUT/train_speed_0.625mm.json" --warmup 8 --steps 20 --step-mark 1.15 \
+        --variants ${SPEED_VARIANTS-nnUNetTrainerSASSNetHalfResD} \
         --epoch-iterations "${EPOCH_ITERATIONS:-250}" --epoch-workers "${EPOCH_WORKERS:-default,8}" \
         ${SPEED_EPOCHS_ONLY:+--epochs-only} > "$OUT/speed_0.625mm.log" 2>&1
     echo "train_speed 0.625 mm exit $?"; grep -E "^(target|nnUNetTrainer|synchron|epoch|NVIDIA|cpu|written)" "$OUT/speed_0.625mm.log"

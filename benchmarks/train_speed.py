@@ -227,6 +227,12 @@ def step_target_lines(results: dict, step_mark: float, device) -> list[tuple[str
         lines.append(("4 peak GPU memory vs nnUNetTrainer batch 4",
                       ours["peak_memory_gib"] / base["peak_memory_gib"], 1.2))
     lines.append(("5 sliding-window inference vs nnU-Net's network", results["inference"]["ratio"], 1.02))
+    for name, variant in results.get("variants", {}).items():
+        lines.append((f"1 {name}: step 2L+2U vs nnUNetTrainer batch 4",
+                      variant["step_s_median"] / base["step_s_median"], step_mark))
+        if device.type == "cuda":
+            lines.append((f"4 {name}: peak GPU memory vs nnUNetTrainer batch 4",
+                          variant["peak_memory_gib"] / base["peak_memory_gib"], 1.2))
     return lines
 
 
@@ -251,6 +257,9 @@ def main(argv=None) -> int:
                              "own choice for the machine)")
     parser.add_argument("--epochs-only", action="store_true",
                         help="target 6 alone (a call that has targets 1-5 already, e.g. one cut short)")
+    parser.add_argument("--variants", nargs="*", default=[], metavar="TRAINER",
+                        help="SASSNet variants (e.g. nnUNetTrainerSASSNetHalfResD) timed on the same 2+2 batches "
+                             "as nnUNetTrainerSASSNet; each gets its own target-1 line")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny plans and few steps (CI)")
     parser.add_argument("--output", help="JSON file for the figures (default: <workdir>/train_speed.json)")
     args = parser.parse_args(argv)
@@ -277,7 +286,7 @@ def main(argv=None) -> int:
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
                "compile": os.environ.get("nnUNet_compile"), "steps": args.steps, "warmup": args.warmup,
-               "complete": False}
+               "variants": {}, "complete": False}
     output = Path(args.output) if args.output else workdir / "train_speed.json"
 
     def save() -> None:
@@ -306,6 +315,14 @@ def main(argv=None) -> int:
                       / results["nnUNetTrainer_batch4"]["step_s_median"])
         print(f"step ratio (target 1): {step_ratio:.3f}", flush=True)
         del sass
+        for name in args.variants:
+            variant = build_trainer(name, 701, plans, 2, device)
+            stop_loaders(variant)
+            variant.dataloader_unlabeled = Cycle(unlabeled)
+            results["variants"][name] = time_steps(variant, Cycle(labeled), args.warmup, args.steps, device)
+            save()
+            del variant
+            torch.cuda.empty_cache() if device.type == "cuda" else None
         results["inference"] = time_inference(701, plans, device, args.inference_runs,
                                               5 if not args.cpu_smoke else 1, smoke=args.cpu_smoke)
         save()
@@ -327,6 +344,8 @@ def main(argv=None) -> int:
         print(f"nnUNetTrainer batch 4: {base['step_s_median'] * 1000:.1f} ms/step; "
               f"SASSNet 2+2: {ours['step_s_median'] * 1000:.1f} ms/step; "
               f"SDM targets: {results['sdm_targets_s'] * 1000:.2f} ms")
+        for name, variant in results["variants"].items():
+            print(f"{name} 2+2: {variant['step_s_median'] * 1000:.1f} ms/step")
         if device.type == "cuda":
             print(f"synchronisations per step: nnUNetTrainer {base['syncs_per_step']}, "
                   f"SASSNet {ours['syncs_per_step']}")

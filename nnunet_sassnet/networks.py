@@ -132,10 +132,13 @@ class SDMDiscriminator(nn.Module):
     more; LeakyReLU(0.2) and channel dropout between them; global average pooling and a linear classifier
     with one logit (the published code's two-way softmax is the same model). Kernels are 4 along axes that
     are halved and 3 along axes that keep their size (see :func:`discriminator_strides`).
+
+    ``input_pool`` (per axis, e.g. ``(2, 2, 2)``): SDM and image are average-pooled by it before the first
+    convolutions, so that D runs at a lower resolution (not in the published code; None: full resolution).
     """
 
     def __init__(self, sdm_channels: int, image_channels: int, strides: Sequence[Sequence[int]],
-                 base_features: int = 64, dropout: float = 0.5):
+                 base_features: int = 64, dropout: float = 0.5, input_pool: Sequence[int] | None = None):
         super().__init__()
         if len(strides) != 4:
             raise ValueError("the discriminator has four downsampling stages; give four strides")
@@ -144,6 +147,12 @@ class SDMDiscriminator(nn.Module):
         if conv_op is None:
             raise ValueError(f"2d or 3d strides expected, got {strides[0]}")
         dropout_op = nn.Dropout2d if ndim == 2 else nn.Dropout3d
+        if input_pool is not None and (len(input_pool) != ndim or any(int(k) < 1 for k in input_pool)):
+            raise ValueError(f"input_pool needs {ndim} factors >= 1, got {tuple(input_pool)}")
+        pool_op = nn.AvgPool2d if ndim == 2 else nn.AvgPool3d
+        pool = tuple(int(k) for k in input_pool) if input_pool is not None else None
+        # no parameters: checkpoints are the same with and without it
+        self.input_pool = pool_op(pool) if pool is not None and any(k > 1 for k in pool) else nn.Identity()
 
         def conv(cin: int, cout: int, stride: Sequence[int]) -> nn.Module:
             kernel = tuple(4 if s == 2 else 3 for s in stride)
@@ -162,7 +171,7 @@ class SDMDiscriminator(nn.Module):
 
     def forward(self, sdm: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """Logit of "this SDM comes from a labeled patch", shape (N,)."""
-        x = self.body(self.sdm_conv(sdm) + self.image_conv(image))
+        x = self.body(self.sdm_conv(self.input_pool(sdm)) + self.image_conv(self.input_pool(image)))
         x = x.flatten(2).mean(2)
         return self.classifier(x).squeeze(1)
 

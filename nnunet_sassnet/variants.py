@@ -11,7 +11,7 @@ import torch
 from nnunet_sassnet.trainers import nnUNetTrainerSASSNet, nnUNetTrainerSDM
 
 __all__ = ["nnUNetTrainerSASSNetPaper", "nnUNetTrainerSASSNetBeta005", "nnUNetTrainerSASSNetBeta015",
-           "nnUNetTrainerSDM_smoke", "nnUNetTrainerSASSNet_smoke"]
+           "nnUNetTrainerSASSNetHalfResD", "nnUNetTrainerSDM_smoke", "nnUNetTrainerSASSNet_smoke"]
 
 
 # ---- the adversarial weight beta_max --------------------------------------------------------------------------
@@ -31,6 +31,14 @@ class nnUNetTrainerSASSNetBeta015(nnUNetTrainerSASSNet):
     """SASSNet with beta_max = 0.15: ten times the published code's 0.015, the upper end of a sweep."""
 
     adversarial_weight_max = 0.15
+
+
+# ---- the discriminator's cost -----------------------------------------------------------------------------------
+class nnUNetTrainerSASSNetHalfResD(nnUNetTrainerSASSNet):
+    """SASSNet with the discriminator at half resolution (``discriminator_downsampled``): a cheaper step, to
+    become the default only if the LA runs show no loss of Dice."""
+
+    discriminator_downsampled = True
 
 
 # ---- smoke tests: a few tiny epochs -----------------------------------------------------------------------------

@@ -24,7 +24,8 @@ def test_speed_benchmark_measures_every_target_in_one_run(tmp_path):
     output = tmp_path / "speed.json"
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_speed.py"), "--device", "cpu",
                              "--cpu-smoke", "--data", str(LA_LITE), "--workdir", str(tmp_path / "work"),
-                             "--labeled", "2", "--unlabeled", "2", "--output", str(output)],
+                             "--labeled", "2", "--unlabeled", "2", "--output", str(output),
+                             "--variants", "nnUNetTrainerSASSNetHalfResD"],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     figures = json.loads(output.read_text())
@@ -32,7 +33,9 @@ def test_speed_benchmark_measures_every_target_in_one_run(tmp_path):
     assert figures["patch_size"] == [16, 16, 16] and figures["compile"] == "f"
     assert figures["complete"] is True  # written after every stage; True only once every target is in
     targets = figures["targets"]
-    assert [label.split()[0] for label in targets] == ["1", "2", "3", "5", "6"]
+    assert [label.split()[0] for label in targets] == ["1", "2", "3", "5", "1", "6"]
+    assert "1 nnUNetTrainerSASSNetHalfResD: step 2L+2U vs nnUNetTrainer batch 4" in targets
+    assert figures["variants"]["nnUNetTrainerSASSNetHalfResD"]["forward_passes_per_step"] == 1
     assert all(math.isfinite(t["value"]) and t["value"] > 0 for t in targets.values())
     # the SASSNet step runs the U-Net once on labeled + unlabeled patches
     assert figures["nnUNetTrainerSASSNet_2plus2"]["forward_passes_per_step"] == 1

@@ -358,3 +358,32 @@ def test_discriminator_follows_nnunets_compile_rule_by_default(started_trainer):
     # nnU-Net compiles nothing on the CPU; D follows the U-Net
     assert not hasattr(started_trainer._generator_discriminator, "_orig_mod")
     assert not hasattr(started_trainer.network, "_orig_mod")
+
+
+def test_half_resolution_discriminator_sees_pooled_patches_and_learns(nnunet_paths):
+    """``discriminator_downsampled``: both of D's passes see SDM and image pooled like the U-Net's first
+    downsampling (plan pooling 2 on the tiny 16^3 patch: 8^3), the step trains D, and D's weights are those
+    of a full-resolution D with the first pooling taken out (checkpoints keep their keys)."""
+    from nnunet_sassnet.networks import unwrap_module
+
+    torch.manual_seed(0)
+    trainer = make_trainer()
+    trainer.discriminator_downsampled = True
+    trainer.on_train_start()
+    trainer.on_train_epoch_start()
+    d = unwrap_module(trainer.discriminator)
+    seen = []
+    hooks = [conv.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape[2:])))
+             for conv in (d.sdm_conv, d.image_conv)]
+    before = {k: v.clone() for k, v in d.state_dict().items()}
+    out = trainer.train_step(next(trainer.dataloader_train))
+    for hook in hooks:
+        hook.remove()
+    first_pool = trainer.configuration_manager.pool_op_kernel_sizes[1]
+    pooled = tuple(p // min(2, k) for p, k in zip(trainer.configuration_manager.patch_size, first_pool))
+    assert pooled == (8, 8, 8) and seen == [pooled] * 4  # generator pass and D's update, SDM and image each
+    assert np.isfinite(out["disc_loss"]) and np.isfinite(out["unlabeled_loss"])
+    assert any(not torch.equal(before[k], v) for k, v in d.state_dict().items())
+    full = make_trainer()
+    full.on_train_start()
+    assert d.state_dict().keys() == unwrap_module(full.discriminator).state_dict().keys()

@@ -54,6 +54,10 @@ class nnUNetTrainerSASSNet(nnUNetTrainerSemiSupervised):
     #: unlabeled ones) or "all" (also the foreground-centred ones; D can then tell the streams apart by
     #: position instead of shape)
     discriminator_labeled_patches: str = "random"
+    #: D at half resolution: SDM and image average-pooled like the U-Net's first downsampling (an SDM is
+    #: smooth), D's stages then follow the plan's later poolings; about an eighth of D's work in 3D. Not in
+    #: the published code (False: full resolution, as published)
+    discriminator_downsampled: bool = False
     #: torch.compile the discriminator: None follows nnU-Net's rule for the U-Net (``nnUNet_compile``, CUDA
     #: only); True/False force it. The backend is torch.compile's (``"aot_eager"`` needs no C++ compiler)
     compile_discriminator: bool | None = None
@@ -93,10 +97,16 @@ class nnUNetTrainerSASSNet(nnUNetTrainerSemiSupervised):
     def initialize(self):
         super().initialize()
         self.discriminator_labeled_indices = self._discriminator_labeled_indices()
+        pools = [tuple(int(k) for k in p) for p in self.configuration_manager.pool_op_kernel_sizes]
+        input_pool = None
+        if self.discriminator_downsampled and len(pools) > 1:
+            # the U-Net's first downsampling moves in front of D; D's stages take the plan's later ones
+            input_pool = tuple(min(2, k) for k in pools[1])
+            pools = [pools[0], *pools[2:]]
         d = SDMDiscriminator(
             sdm_channels=self.num_sdm_channels, image_channels=self.num_input_channels,
-            strides=discriminator_strides(self.configuration_manager.pool_op_kernel_sizes),
-            base_features=self.discriminator_features, dropout=self.discriminator_dropout).to(self.device)
+            strides=discriminator_strides(pools), base_features=self.discriminator_features,
+            dropout=self.discriminator_dropout, input_pool=input_pool).to(self.device)
         # D's own scaler: its loss scale follows D's gradients, not the U-Net's. Fused Adam takes the
         # scaler's found-inf flag on the device, so a non-finite D loss skips D's update without a
         # host-device synchronisation
