@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from nnunet_sassnet.trainers import nnUNetTrainerSASSNet, nnUNetTrainerSDM
+from nnunet_sassnet.trainers import nnUNetTrainerDTC, nnUNetTrainerMeanTeacher, nnUNetTrainerSASSNet, nnUNetTrainerSDM
 
 __all__ = ["nnUNetTrainerSASSNetPaper", "nnUNetTrainerSASSNetBeta005", "nnUNetTrainerSASSNetBeta015",
-           "nnUNetTrainerSASSNetHalfResD", "nnUNetTrainerSDM_smoke", "nnUNetTrainerSASSNet_smoke"]
+           "nnUNetTrainerSASSNetHalfResD", "nnUNetTrainerMeanTeacherW1", "nnUNetTrainerDTCW10",
+           "nnUNetTrainerSDM_smoke", "nnUNetTrainerSASSNet_smoke"]
 
 
 # ---- the adversarial weight beta_max --------------------------------------------------------------------------
@@ -39,6 +40,21 @@ class nnUNetTrainerSASSNetHalfResD(nnUNetTrainerSASSNet):
     become the default only if the LA runs show no loss of Dice."""
 
     discriminator_downsampled = True
+
+
+# ---- stronger unlabeled terms -----------------------------------------------------------------------------------
+# At the published weights, mean teacher's and DTC's weighted gradient on the network was 1-3 % of the supervised
+# one at the end of the LA runs (BCP's: 45-80 %): ten times the weight asks whether the terms help once they act.
+class nnUNetTrainerMeanTeacherW1(nnUNetTrainerMeanTeacher):
+    """Mean teacher with a consistency weight of 1.0, ten times UA-MT's and SSL4MIS's 0.1."""
+
+    unlabeled_weight_max = 1.0
+
+
+class nnUNetTrainerDTCW10(nnUNetTrainerDTC):
+    """Dual-task consistency with lambda_max 10, ten times the published code's 1.0."""
+
+    dtc_weight_max = 10.0
 
 
 # ---- smoke tests: a few tiny epochs -----------------------------------------------------------------------------

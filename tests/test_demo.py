@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import EarlyStart, early_start
 from nnunet_sassnet.demo import config
 from nnunet_sassnet.demo.synthetic_la import SyntheticLAConfig, write_dataset
 
@@ -23,18 +24,26 @@ def run_demo(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 900
                           timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory) -> dict:
+@early_start("quick_demo")
+def start_quick_demo(context: dict, early: EarlyStart) -> dict:
     """One quick demo run in a fresh folder, with the default work folder, and nnU-Net variables of a "user"
-    that the demo must neither use nor create."""
+    that the demo must neither use nor create (run from the session's start: see ``started_early``)."""
+    tmp_path_factory = context["tmp_path_factory"]
     cwd = tmp_path_factory.mktemp("demo_cwd")
     user_folders = tmp_path_factory.mktemp("user") / "nnunet"
     env = {**os.environ, **{key: str(user_folders / key) for key in NNUNET_VARIABLES}}
-    result = run_demo(["--quick", "--seed", "3"], cwd, env)
+    result = early.command(["nnunet_sassnet_demo", "--quick", "--seed", "3"], cwd, env, timeout=900)
+    return {"result": result, "cwd": cwd, "workdirs": list(cwd.iterdir()), "user_folders": user_folders}
+
+
+@pytest.fixture(scope="module")
+def quick_demo(started_early) -> dict:
+    """The quick demo's outcome: its exit, output and work folder."""
+    demo = started_early["quick_demo"].result()
+    result = demo["result"]
     if result.returncode != 0:
         pytest.fail(f"the quick demo failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
-    workdirs = list(cwd.iterdir())
-    return {"result": result, "cwd": cwd, "workdirs": workdirs, "user_folders": user_folders}
+    return demo
 
 
 @pytest.mark.slow
