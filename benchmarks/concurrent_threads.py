@@ -18,6 +18,7 @@ torch.set_num_threads(int(sys.argv[1]))
 net = torch.nn.Sequential(torch.nn.Conv3d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(16, 16, 3, padding=1))
 x = torch.randn(2, 1, 32, 32, 32)
 net(x).sum().backward()  # warm-up
+print("ready", flush=True)
 sys.stdin.readline()  # start together
 for _ in range(int(sys.argv[2])):
     net(x).sum().backward()
@@ -28,8 +29,10 @@ def side_by_side(processes: int, threads: int, passes: int) -> float:
     """Seconds until all ``processes`` finished ``passes`` forward and backward passes with ``threads`` each."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     procs = [subprocess.Popen([sys.executable, "-c", WORK, str(threads), str(passes)], stdin=subprocess.PIPE,
-                              env=env, text=True) for _ in range(processes)]
-    time.sleep(15)  # torch imported and warmed up in every process
+                              stdout=subprocess.PIPE, env=env, text=True) for _ in range(processes)]
+    for p in procs:  # torch imported and warmed up in every process
+        if p.stdout.readline().strip() != "ready":
+            raise SystemExit(f"a worker failed before its passes (exit {p.wait()})")
     start = time.perf_counter()
     for p in procs:
         p.stdin.write("go\n")

@@ -147,12 +147,12 @@ class SDMDiscriminator(nn.Module):
         if conv_op is None:
             raise ValueError(f"2d or 3d strides expected, got {strides[0]}")
         dropout_op = nn.Dropout2d if ndim == 2 else nn.Dropout3d
-        if input_pool is not None and (len(input_pool) != ndim or any(int(k) < 1 for k in input_pool)):
-            raise ValueError(f"input_pool needs {ndim} factors >= 1, got {tuple(input_pool)}")
-        pool_op = nn.AvgPool2d if ndim == 2 else nn.AvgPool3d
-        pool = tuple(int(k) for k in input_pool) if input_pool is not None else None
+        pool = tuple(int(k) for k in input_pool) if input_pool is not None else (1,) * ndim
+        if len(pool) != ndim or min(pool) < 1:
+            raise ValueError(f"input_pool needs {ndim} factors >= 1, got {pool}")
         # no parameters: checkpoints are the same with and without it
-        self.input_pool = pool_op(pool) if pool is not None and any(k > 1 for k in pool) else nn.Identity()
+        pool_op = nn.AvgPool2d if ndim == 2 else nn.AvgPool3d
+        self.input_pool = pool_op(pool) if max(pool) > 1 else nn.Identity()
 
         def conv(cin: int, cout: int, stride: Sequence[int]) -> nn.Module:
             kernel = tuple(4 if s == 2 else 3 for s in stride)

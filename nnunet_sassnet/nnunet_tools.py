@@ -93,22 +93,21 @@ def nnunet_environment(raw: str | Path, preprocessed: str | Path, results: str |
     return env
 
 
-
-def cap_torch_threads(env: Mapping[str, str] | None = None) -> int:
-    """Keep torch within ``OMP_NUM_THREADS`` (of ``env``, default this process's environment); returns the
-    thread count now in use.
+def cap_torch_threads() -> int:
+    """Keep torch within ``OMP_NUM_THREADS``; returns the thread count now in use.
 
     ``nnUNetv2_train`` and ``nnUNetv2_predict`` with ``-device cpu`` set one torch thread per core whatever
-    ``OMP_NUM_THREADS`` says, so two CPU trainings side by side each run one thread per core; with OpenMP's
-    waiting threads that is several times slower than one thread each (two processes on two cores: 6x). Only
-    ever lowers the count (on the GPU nnU-Net already uses one thread); without the variable nothing changes.
+    ``OMP_NUM_THREADS`` says, so two CPU runs side by side each run one thread per core: two processes on two
+    cores took 1.6 and 3.0 times as long with two threads each as with one (``benchmarks/concurrent_threads.py``).
+    Only ever lowers the count (on the GPU nnU-Net already uses one thread); without the variable nothing changes.
     """
     import torch
 
-    value = (os.environ if env is None else env).get("OMP_NUM_THREADS", "").strip()
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
     if value.isdigit() and 0 < int(value) < torch.get_num_threads():
         torch.set_num_threads(int(value))
     return torch.get_num_threads()
+
 
 @dataclass
 class ToolRun:
