@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 
 # pytest puts this folder on sys.path (rootdir-relative "prepend" import mode), so helpers import directly
 from synthetic import make_dataset
@@ -24,6 +25,14 @@ from nnunet_sassnet.plans import derive_small_plans
 # run(..., plain=True) starts the installed console script as a fresh interpreter instead (the stock-CLI tests);
 # NNUNET_SASSNET_WARM_START=0 turns it off for the whole run.
 os.environ.setdefault(warm_start.ENV_VARIABLE, "1")
+
+# Two lanes of work on two cores, the tests and the background lane (see EarlyStart): one math thread each, in
+# this process and in every command it starts (nnU-Net's commands keep to OMP_NUM_THREADS, nnunet_tools.
+# cap_torch_threads). With two threads per command the lanes' threads wait for each other: the whole suite
+# took 13:44 on two cores, with one 10:58 (2026-11-27).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+TEST_THREADS = int(os.environ["OMP_NUM_THREADS"])
+torch.set_num_threads(TEST_THREADS)
 
 # The real LA data: $NNUNET_SASSNET_DATA, else ../shared/data beside the checkout. Tests that read it carry
 # @pytest.mark.needs_la_data(folder, ...) and are skipped, with the reason shown (-rs), where it is absent.
@@ -43,15 +52,16 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
                         f"la2018_uamt_h5 and la2018_uamt_lite_1.25mm)")
 
 
-def run(cmd: list[str], env: dict, check: bool = True, timeout: int = 600,
-        plain: bool = False) -> subprocess.CompletedProcess:
+def run(cmd: list[str], env: dict, check: bool = True, timeout: int = 600, plain: bool = False,
+        on_start: Callable | None = None) -> subprocess.CompletedProcess:
     """Run a command line tool (stopped with its workers after ``timeout`` s); on failure show its output.
 
-    ``plain``: the installed console script in a fresh interpreter, not from the warm fork server.
+    ``plain``: the installed console script in a fresh interpreter, not from the warm fork server;
+    ``on_start``: receives the started process (see :meth:`EarlyStart.track`).
     """
     if plain:
         env = {**env, warm_start.ENV_VARIABLE: "0"}
-    result = tools.run_tool(cmd, env, timeout=timeout, tail_lines=100_000)
+    result = tools.run_tool(cmd, env, timeout=timeout, tail_lines=100_000, on_start=on_start)
     output = "\n".join(result.tail)
     if check and not result.ok:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.error}):\n{output[-6000:]}")
@@ -59,10 +69,11 @@ def run(cmd: list[str], env: dict, check: bool = True, timeout: int = 600,
     return subprocess.CompletedProcess(cmd, result.returncode, output, output)
 
 
-def nnunet_environment(root: Path) -> dict:
-    """Environment for nnU-Net commands with all folders under ``root``, tuned for 2 CPU cores."""
-    return tools.nnunet_environment(root / "raw", root / "preprocessed", root / "results", default_workers=1,
-                                    threads=2)
+def nnunet_environment(root: Path, base: dict | None = None) -> dict:
+    """Environment for nnU-Net commands with all folders under ``root``, tuned for 2 CPU cores; ``base``:
+    the variables to start from (default this process's)."""
+    return tools.nnunet_environment(root / "raw", root / "preprocessed", root / "results", base=base,
+                                    default_workers=1, threads=TEST_THREADS)
 
 
 def training_environment(env: dict) -> dict:
@@ -71,16 +82,19 @@ def training_environment(env: dict) -> dict:
 
 
 def plan_tiny_dataset(root: Path, dataset_id: int, patch_size=(16, 16, 16), configuration: str = "3d_fullres",
-                      patch_size_2d: tuple[int, int] | None = None, **dataset_kwargs) -> dict:
+                      patch_size_2d: tuple[int, int] | None = None, base_env: dict | None = None,
+                      on_start: Callable | None = None, **dataset_kwargs) -> dict:
     """Create, plan (nnUNetv2_plan_and_preprocess) and preprocess a tiny dataset with small plans.
 
     ``patch_size_2d``: the small plans get the 2d configuration as well, preprocessed in the same call (nnU-Net's
-    planner writes every configuration into nnUNetPlans; ``-c`` only selects what it preprocesses).
+    planner writes every configuration into nnUNetPlans; ``-c`` only selects what it preprocesses);
+    ``base_env`` and ``on_start``: see :func:`nnunet_environment` and :func:`run`.
     """
-    env = nnunet_environment(root)
+    env = nnunet_environment(root, base_env)
     make_dataset(env["nnUNet_raw"], dataset_id, **dataset_kwargs)
     # without --verify_dataset_integrity (17 s here): the converter's output is verified in test_conversion.py
-    run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", configuration, "-np", "1", "--no_pp"], env)
+    run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", configuration, "-np", "1", "--no_pp"], env,
+        on_start=on_start)
     name = next(p.name for p in (root / "preprocessed").iterdir() if p.name.startswith(f"Dataset{dataset_id:03d}"))
     base = root / "preprocessed" / name
     derive_small_plans(str(base), patch_size, configuration=configuration, target_plans=SMALL_PLANS)
@@ -94,7 +108,7 @@ def plan_tiny_dataset(root: Path, dataset_id: int, patch_size=(16, 16, 16), conf
         (base / f"{SMALL_PLANS}.json").write_text(json.dumps(small, indent=2))
         configurations.append("2d")
     run(["nnUNetv2_preprocess", "-d", str(dataset_id), "-plans_name", SMALL_PLANS, "-c", *configurations,
-         "-np", *["1"] * len(configurations)], env)
+         "-np", *["1"] * len(configurations)], env, on_start=on_start)
     return {"env": env, "root": root, "dataset_id": dataset_id, "dataset_name": name,
             "configuration": configuration}
 
@@ -129,40 +143,69 @@ def nnunet_paths(tiny_dataset, monkeypatch):
 
 
 class EarlyStart:
-    """A session fixture's work, run in a thread from the session's start; :meth:`result` waits for it.
+    """A session fixture's work, queued at the session's start for the background lane (see :data:`LANE`);
+    :meth:`result` waits for it, or runs it in the calling thread when the lane has not begun it yet.
 
-    Two cores and a suite whose long parts mostly keep one of them busy (a fresh interpreter importing torch,
-    nnU-Net's worker processes starting one after the other, the demo's one-thread training): the shared
-    training and the quick demo run beside the first tests instead of before the tests that need them
-    (suite on two cores: 16 min 43 s with neither started early, 14 min 45 s with both; planning the tiny
-    dataset early as well measured no better, 15 min 18 s). Commands started through :meth:`command` are
-    stopped when the session ends first.
+    Two cores, and a suite whose long parts mostly keep one of them busy (a fresh interpreter importing torch,
+    nnU-Net's worker processes starting one after the other): the long self-contained works (the benchmark's
+    smoke call, the shared training, the multi-class dataset, the quick demo, the speed benchmark's calls) run
+    one after the other in a second thread beside the tests, which pytest runs in the main thread with the
+    modules that need these works last (:func:`pytest_collection_modifyitems`). Commands started through
+    :meth:`command`, or passed to :meth:`track`, are stopped when the session ends first.
     """
 
-    def __init__(self, name: str, work: Callable[["EarlyStart"], object]):
+    def __init__(self, name: str):
+        self.name = name
+        self._work: Callable[[EarlyStart], object] | None = None
+        self._ready = threading.Event()  # the work is given: the fixtures it needs are made
+        self._taken = threading.Lock()  # whoever holds it runs the work: the lane, or the test that needs it
+        self._done = threading.Event()
         self._processes: list[subprocess.Popen] = []
         self._outcome: object = None
         self._failed = False
-        self._thread = threading.Thread(target=self._run, args=(work,), name=f"early-{name}", daemon=True)
-        self._thread.start()
+        self.ending = False  # the session is ending: no new command starts
 
-    def _run(self, work) -> None:
+    def give(self, work: Callable[["EarlyStart"], object]) -> None:
+        """The work to run, once the fixtures it needs are made."""
+        self._work = work
+        self._ready.set()
+
+    def wait_ready(self, timeout: float) -> bool:
+        return self._ready.wait(timeout)
+
+    def run_unless_taken(self) -> None:
+        """Run the work in this thread, unless another thread has taken it."""
+        if not self._taken.acquire(blocking=False):
+            return
         try:
-            self._outcome = work(self)
+            self._outcome = self._work(self)
         except BaseException as e:  # noqa: BLE001 -- raised again in the test that needs the result
             self._outcome, self._failed = e, True
+        finally:
+            self._done.set()
 
     def result(self):
-        """What the work returned; raises what it raised."""
-        self._thread.join()
+        """What the work returned (run here if the lane has not started it); raises what it raised."""
+        self.run_unless_taken()
+        self._done.wait()
         if self._failed:
             raise self._outcome
         return self._outcome
 
+    def track(self, process) -> None:
+        """Stop ``process`` (and its process group) with the lane's commands at the session's end (the
+        ``on_start`` of :func:`run`)."""
+        self._processes.append(process)
+        if self.ending:  # the session ended while it started
+            self.stop()
+
     def command(self, cmd: list[str], cwd: Path | None, env: dict, timeout: float,
                 merge_output: bool = False) -> subprocess.CompletedProcess:
         """Run ``cmd`` in a session of its own; ``merge_output``: stderr arrives in stdout, in order (both fields
-        of the result hold it, as with :func:`run`)."""
+        of the result hold it, as with :func:`run`). Past ``timeout`` it is stopped and
+        :class:`subprocess.TimeoutExpired` raised."""
+        if self.ending:
+            raise RuntimeError(f"{self.name}: the test session is ending; {cmd[0]} not started")
         process = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT if merge_output else subprocess.PIPE,
                                    stdin=subprocess.DEVNULL, text=True, start_new_session=True)
@@ -174,43 +217,87 @@ class EarlyStart:
         return subprocess.CompletedProcess(cmd, process.returncode, stdout, stdout if merge_output else stderr)
 
     def stop(self) -> None:
-        """End the commands still running, with the processes they started."""
+        """End the commands still running, with the processes they started: SIGTERM first (the benchmark
+        then stops its own tools), SIGKILL after 10 s."""
         for process in self._processes:
             if process.poll() is None:
-                try:
-                    os.killpg(process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                tools.stop_process_group(process)
 
 
-#: fixture name -> (the session fixtures its work needs, its work), started at the session's start when a
-#: selected test uses the fixture. The work runs in a thread, so it gets no fixture request (pytest's fixtures
-#: belong to the main thread) but a context: ``tmp_path_factory`` and the values of the fixtures it needs
+#: fixture name -> (the session fixtures its work needs, its work), queued at the session's start when a
+#: selected test uses the fixture. The work runs in the lane's thread, so it gets no fixture request (pytest's
+#: fixtures belong to the main thread) but a context: ``tmp_path_factory``, ``environ`` (this process's
+#: environment when the session started: tests change ``os.environ`` meanwhile) and the values of the fixtures
+#: it needs
 EARLY_STARTS: dict[str, tuple[tuple[str, ...], Callable[[dict, EarlyStart], object]]] = {}
+
+#: the background lane's order, longest works first; the modules that need them run last, in this order.
+#: The whole suite on two cores (2026-11-27): 16:04 with the benchmark's smoke call and the speed benchmark in the
+#: main thread and the shared training and the demo each in a thread of their own from the start; 13:44 with
+#: this lane; 10:58 with this lane and one math thread per command (see OMP_NUM_THREADS above)
+LANE = ("la_semisup_smoke", "sassnet_fold0", "multi_dataset", "quick_demo", "speed_smoke")
 
 
 def early_start(fixture_name: str, needs: tuple[str, ...] = ()):
     """Register the work of a session fixture for :func:`started_early` (decorator); ``needs``: session
-    fixtures made (in the main thread) before the work starts."""
+    fixtures made (in the main thread) before the work starts. ``fixture_name`` must be listed in :data:`LANE`."""
+    if fixture_name not in LANE:
+        raise ValueError(f"{fixture_name}: add it to LANE in tests/conftest.py, which sets the lane's order")
+
     def register(work):
         EARLY_STARTS[fixture_name] = (needs, work)
         return work
     return register
 
 
+def _lane_rank(item: pytest.Item) -> int:
+    """0 for a test that needs no lane work, else 1 + the lane position of the last one it needs."""
+    names = set(getattr(item, "fixturenames", ())) & set(EARLY_STARTS)
+    return max((LANE.index(n) + 1 for n in names), default=0)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules whose tests need a lane work run after the others, in the lane's order; a module's tests stay
+    together and in their order (its module fixtures are made once)."""
+    ranks: dict[str, int] = {}
+    for item in items:
+        ranks[item.nodeid.split("::")[0]] = max(ranks.get(item.nodeid.split("::")[0], 0), _lane_rank(item))
+    items.sort(key=lambda item: ranks[item.nodeid.split("::")[0]])  # a stable sort
+
+
 @pytest.fixture(scope="session", autouse=True)
 def started_early(request, tmp_path_factory) -> dict[str, EarlyStart]:
-    """The works of :data:`EARLY_STARTS` whose fixture a selected test uses, started before the first test
-    (those that need no fixture first); commands still running when the session ends are stopped."""
+    """The works of :data:`EARLY_STARTS` whose fixture a selected test uses, run one after the other by a
+    background thread from before the first test (while the main thread makes the fixtures that the later
+    works need); commands still running at the session's end are stopped, works not begun are dropped."""
     wanted = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
-    started: dict[str, EarlyStart] = {}
-    for name, (needs, work) in sorted(EARLY_STARTS.items(), key=lambda item: bool(item[1][0])):
-        if name in wanted:
-            context = {"tmp_path_factory": tmp_path_factory, **{n: request.getfixturevalue(n) for n in needs}}
-            started[name] = EarlyStart(name, lambda early, work=work, context=context: work(context, early))
-    yield started
-    for early in started.values():
-        early.stop()
+    environ = dict(os.environ)
+    started = {name: EarlyStart(name) for name in LANE if name in EARLY_STARTS and name in wanted}
+    ending = threading.Event()
+
+    def lane() -> None:
+        for early in started.values():
+            while not early.wait_ready(timeout=0.5):
+                if ending.is_set():
+                    return
+            if ending.is_set():
+                return
+            early.run_unless_taken()
+
+    threading.Thread(target=lane, name="test-lane", daemon=True).start()
+    try:
+        # works without needs first: the lane starts them while the main thread makes the others' fixtures
+        for name in sorted(started, key=lambda n: bool(EARLY_STARTS[n][0])):
+            needs, work = EARLY_STARTS[name]
+            context = {"tmp_path_factory": tmp_path_factory, "environ": environ,
+                       **{n: request.getfixturevalue(n) for n in needs}}
+            started[name].give(lambda early, work=work, context=context: work(context, early))
+        yield started
+    finally:
+        ending.set()
+        for early in started.values():
+            early.ending = True
+            early.stop()
 
 
 @early_start("sassnet_fold0", needs=("tiny_dataset",))

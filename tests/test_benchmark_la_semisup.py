@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LA_LITE
+from conftest import LA_LITE, EarlyStart, early_start
 
 from benchmarks.la_semisup import ledger, tables
 from benchmarks.la_semisup.queue import load_queue
@@ -57,22 +57,34 @@ def _read_ledger(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory) -> dict:
-    """One --cpu-smoke queue call: its exit, its JSON, its ledger, its results document, its work folder."""
-    root = tmp_path_factory.mktemp("la_semisup")
+@early_start("la_semisup_smoke")
+def start_la_semisup_smoke(context: dict, early: EarlyStart) -> dict | None:
+    """One --cpu-smoke queue call (run by the background lane: see ``started_early``); None without the data."""
+    if not LA_LITE.is_dir():
+        return None
+    root = context["tmp_path_factory"].mktemp("la_semisup")
     queue, doc = root / "queue.json", root / "results.md"
     queue.write_text(json.dumps(QUEUE))
     doc.write_text(f"# Results\n\n{tables.BEGIN}\n{tables.END}\n\nText after the tables.\n")
     workdir, output, ledger_file = root / "work", root / "call.json", root / "ledger.jsonl"
-    result = _benchmark("--cpu-smoke", "--queue", str(queue), "--data", str(LA_LITE), "--workdir", str(workdir),
-                        "--output", str(output), "--ledger", str(ledger_file), "--results-doc", str(doc),
-                        timeout=1500)
+    cmd = [sys.executable, "-m", "benchmarks.la_semisup", "--cpu-smoke", "--queue", str(queue), "--data",
+           str(LA_LITE), "--workdir", str(workdir), "--output", str(output), "--ledger", str(ledger_file),
+           "--results-doc", str(doc)]
+    # past the timeout the lane sends SIGTERM first, so that the benchmark stops its own tools
+    result = early.command(cmd, REPO, context["environ"], timeout=1500)
+    return {"result": result, "output": output, "ledger": ledger_file, "doc": doc, "queue": queue,
+            "workdir": workdir, "root": root}
+
+
+@pytest.fixture(scope="module")
+def la_semisup_smoke(started_early) -> dict:
+    """The smoke call's exit, its JSON, its ledger, its results document, its work folder."""
+    made = started_early["la_semisup_smoke"].result()
+    result = made["result"]
     if result.returncode != 0:
         raise AssertionError(f"benchmark failed ({result.returncode}):\n{result.stdout[-6000:]}\n"
                              f"{result.stderr[-3000:]}")
-    return {"result": result, "call": json.loads(output.read_text()), "ledger": ledger_file, "doc": doc,
-            "queue": queue, "workdir": workdir, "root": root}
+    return {**made, "call": json.loads(made["output"].read_text())}
 
 
 def _training_started(output: Path) -> bool:
@@ -90,10 +102,10 @@ def _finite(value) -> bool:
 
 @pytest.mark.slow
 @needs_lite
-def test_every_finished_run_is_in_the_ledger_with_its_record(smoke):
-    entries = _read_ledger(smoke["ledger"])
+def test_every_finished_run_is_in_the_ledger_with_its_record(la_semisup_smoke):
+    entries = _read_ledger(la_semisup_smoke["ledger"])
     assert [e["key"] for e in entries] == sorted(DONE, key=DONE.index)
-    evaluation = smoke["call"]["split"]["evaluation"]
+    evaluation = la_semisup_smoke["call"]["split"]["evaluation"]
     for entry in entries:
         assert entry["status"] == "done", (entry["key"], entry.get("error"))
         assert sorted(entry["cases"]) == sorted(evaluation)
@@ -120,21 +132,21 @@ def test_every_finished_run_is_in_the_ledger_with_its_record(smoke):
     assert all(len(log[k]) == SMOKE_EPOCHS for k in ("adversarial_weights", "adv_grad_ratios", "disc_acc_labeled"))
     assert "adv_grad_ratios" not in by_key["nnUNetTrainer/s0"]["training_log"]
     # a trainer that does not exist yet is left out of the call, not recorded
-    assert smoke["call"]["runs"]["nnUNetTrainerNotWrittenYet/s0"]["status"] == "trainer not found"
-    assert "nnUNetTrainerNotWrittenYet/s0: left out of this call" in smoke["result"].stdout
+    assert la_semisup_smoke["call"]["runs"]["nnUNetTrainerNotWrittenYet/s0"]["status"] == "trainer not found"
+    assert "nnUNetTrainerNotWrittenYet/s0: left out of this call" in la_semisup_smoke["result"].stdout
 
 
 @pytest.mark.slow
 @needs_lite
-def test_trainings_follow_the_protocol_and_stages_are_timed(smoke):
-    entries = {e["key"]: e for e in _read_ledger(smoke["ledger"])}
+def test_trainings_follow_the_protocol_and_stages_are_timed(la_semisup_smoke):
+    entries = {e["key"]: e for e in _read_ledger(la_semisup_smoke["ledger"])}
     for key, entry in entries.items():
         checkpoint = torch.load(Path(entry["model"]) / "checkpoint_final.pth", map_location="cpu",
                                 weights_only=False)
         assert checkpoint["trainer_name"] == f"{entry['trainer']}_LAbench"
         assert checkpoint["current_epoch"] == SMOKE_EPOCHS, key
-        assert Path(entry["model"]).is_relative_to(smoke["workdir"])
-    stages = {s["stage"]: s for s in smoke["call"]["stages"]}
+        assert Path(entry["model"]).is_relative_to(la_semisup_smoke["workdir"])
+    stages = {s["stage"]: s for s in la_semisup_smoke["call"]["stages"]}
     for key, entry in entries.items():
         slug = key.replace(":", "-").replace("/", "-")
         # self-training's scored model is its second training's
@@ -145,14 +157,14 @@ def test_trainings_follow_the_protocol_and_stages_are_timed(smoke):
         assert train["end_s"] <= predict["start_s"] and predict["end_s"] <= evaluate["start_s"]
         assert train["seconds"] == pytest.approx(train["end_s"] - train["start_s"], abs=0.02)
         assert entry["seconds"]["train"] == pytest.approx(train["seconds"], abs=0.02) and train["seconds"] > 1
-    assert smoke["call"]["elapsed_s"] >= max(s["end_s"] for s in stages.values())
+    assert la_semisup_smoke["call"]["elapsed_s"] >= max(s["end_s"] for s in stages.values())
 
 
 @pytest.mark.slow
 @needs_lite
-def test_self_training_trains_twice_on_labeled_then_pseudo_labeled_scans(smoke):
-    entry = next(e for e in _read_ledger(smoke["ledger"]) if e["kind"] == "self_training")
-    call = smoke["call"]
+def test_self_training_trains_twice_on_labeled_then_pseudo_labeled_scans(la_semisup_smoke):
+    entry = next(e for e in _read_ledger(la_semisup_smoke["ledger"]) if e["kind"] == "self_training")
+    call = la_semisup_smoke["call"]
     assert set(entry["seconds"]) >= {"train_labeled", "pseudo_label", "plan_pseudo_labeled", "train"}
     assert entry["seconds"]["train_labeled"] > 1 and entry["seconds"]["train"] > 1
     run_folder = Path(entry["model"]).parents[3]
@@ -161,14 +173,14 @@ def test_self_training_trains_twice_on_labeled_then_pseudo_labeled_scans(smoke):
     labels = sorted(p.name for p in (run_folder / "nnUNet_raw" / "Dataset903_LAselftrain" / "labelsTr").iterdir())
     assert labels == sorted(f"{c}.nii.gz" for c in call["split"]["labeled"] + call["split"]["unlabeled"])
     # its cost is shown as two trainings
-    assert "(2 trainings)" in smoke["doc"].read_text()
+    assert "(2 trainings)" in la_semisup_smoke["doc"].read_text()
 
 
 @pytest.mark.slow
 @needs_lite
-def test_results_document_is_regenerated_from_the_ledger(smoke):
-    entries = _read_ledger(smoke["ledger"])
-    text = smoke["doc"].read_text()
+def test_results_document_is_regenerated_from_the_ledger(la_semisup_smoke):
+    entries = _read_ledger(la_semisup_smoke["ledger"])
+    text = la_semisup_smoke["doc"].read_text()
     assert text.startswith("# Results\n") and text.endswith("Text after the tables.\n")
     base = next(e for e in entries if e["key"] == "nnUNetTrainer/s0")
     for entry in entries:
@@ -186,14 +198,15 @@ def test_results_document_is_regenerated_from_the_ledger(smoke):
     term = text.split("**What the unlabeled term did**", 1)[1].split("\n\n", 2)[1].splitlines()
     assert [row.split(" | ")[0] for row in term[2:]] == ["| nnUNetTrainerSASSNet"]
     # the call's own table is printed and written beside its JSON
-    assert smoke["call"]["table"] in smoke["result"].stdout
-    assert "(baseline)" in smoke["call"]["table"] and "Total wall time" in smoke["call"]["table"]
+    table = la_semisup_smoke["call"]["table"]
+    assert table in la_semisup_smoke["result"].stdout
+    assert "(baseline)" in table and "Total wall time" in table
 
 
 @pytest.mark.slow
 @needs_lite
-def test_next_call_skips_done_runs_and_an_interrupted_run_is_recorded(smoke, tmp_path):
-    ledger_file = tmp_path / "ledger.jsonl"
+def test_next_call_skips_done_runs_and_an_interrupted_run_is_recorded(la_semisup_smoke, tmp_path):
+    smoke, ledger_file = la_semisup_smoke, tmp_path / "ledger.jsonl"
     ledger_file.write_text(smoke["ledger"].read_text())
     again = _benchmark("--cpu-smoke", "--queue", str(smoke["queue"]), "--data", str(LA_LITE), "--workdir",
                        str(smoke["workdir"]), "--ledger", str(ledger_file), "--output", str(tmp_path / "a.json"),

@@ -27,11 +27,11 @@ def run_demo(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 900
 @early_start("quick_demo")
 def start_quick_demo(context: dict, early: EarlyStart) -> dict:
     """One quick demo run in a fresh folder, with the default work folder, and nnU-Net variables of a "user"
-    that the demo must neither use nor create (run from the session's start: see ``started_early``)."""
+    that the demo must neither use nor create (run by the background lane: see ``started_early``)."""
     tmp_path_factory = context["tmp_path_factory"]
     cwd = tmp_path_factory.mktemp("demo_cwd")
     user_folders = tmp_path_factory.mktemp("user") / "nnunet"
-    env = {**os.environ, **{key: str(user_folders / key) for key in NNUNET_VARIABLES}}
+    env = {**context["environ"], **{key: str(user_folders / key) for key in NNUNET_VARIABLES}}
     result = early.command(["nnunet_sassnet_demo", "--quick", "--seed", "3"], cwd, env, timeout=900)
     return {"result": result, "cwd": cwd, "workdirs": list(cwd.iterdir()), "user_folders": user_folders}
 

@@ -72,7 +72,10 @@ def sassnet_model(tiny_dataset, sassnet_fold0, tmp_path_factory) -> dict:
     env = {**training_environment(tiny_dataset["env"]), "nnUNet_results": str(root / "results")}
     name = tiny_dataset["dataset_name"]
     assert sassnet_fold0["trainer"] == TRAINER
-    shutil.copytree(sassnet_fold0["model"], root / "results" / name / sassnet_fold0["model"].name)
+    # fold 0 and the model's files only: in-process tests write folds of their own into the shared folder
+    shutil.copytree(sassnet_fold0["model"], root / "results" / name / sassnet_fold0["model"].name,
+                    ignore=lambda folder, names: [n for n in names if Path(folder) == sassnet_fold0["model"]
+                                                  and n.startswith("fold_") and n != "fold_0"])
     run(["nnUNetv2_train", "990", "3d_fullres", "1", "-tr", TRAINER, "-p", SMALL_PLANS, "-device", "cpu", "--npz"],
         env)
     images = tiny_dataset["root"] / "raw" / name / "imagesTs"

@@ -6,15 +6,21 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import SMALL_PLANS, plan_tiny_dataset, run, training_environment
+from conftest import SMALL_PLANS, EarlyStart, early_start, plan_tiny_dataset, run, training_environment
+
+
+@early_start("multi_dataset")
+def start_multi_dataset(context: dict, early: EarlyStart) -> dict:
+    """2 foreground classes, 2 input channels; small plans for 3d_fullres and 2d (planned by the background
+    lane: see ``started_early``)."""
+    return plan_tiny_dataset(context["tmp_path_factory"].mktemp("multi"), 991, configuration="3d_fullres",
+                             patch_size_2d=(16, 16), base_env=context["environ"], on_start=early.track,
+                             n_labeled=5, n_unlabeled=3, n_test=1, num_classes=2, num_channels=2, seed=1)
 
 
 @pytest.fixture(scope="module")
-def multi_dataset(tmp_path_factory):
-    """2 foreground classes, 2 input channels; small plans for 3d_fullres and 2d."""
-    return plan_tiny_dataset(tmp_path_factory.mktemp("multi"), 991, configuration="3d_fullres",
-                             patch_size_2d=(16, 16), n_labeled=5, n_unlabeled=3, n_test=1, num_classes=2,
-                             num_channels=2, seed=1)
+def multi_dataset(started_early) -> dict:
+    return started_early["multi_dataset"].result()
 
 
 @pytest.mark.slow

@@ -8,27 +8,50 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import LA_LITE
+from conftest import LA_LITE, EarlyStart, early_start
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+SPEED = [sys.executable, str(REPO / "benchmarks" / "train_speed.py"), "--device", "cpu", "--cpu-smoke", "--data",
+         str(LA_LITE), "--labeled", "2", "--unlabeled", "2"]
+
+
+@early_start("speed_smoke")
+def start_speed_smoke(context: dict, early: EarlyStart) -> dict | None:
+    """Two calls (run by the background lane: see ``started_early``): every target with a variant, then target 6
+    alone on the dataset the first call made; None without the data."""
+    if not LA_LITE.is_dir():
+        return None
+    root = context["tmp_path_factory"].mktemp("speed")
+    output, again, work = root / "speed.json", root / "epochs.json", root / "work"
+    first = early.command([*SPEED, "--workdir", str(work), "--output", str(output), "--variants",
+                           "nnUNetTrainerSASSNetHalfResD"], REPO, context["environ"], timeout=900)
+    plan_log = work / "logs" / "plan_701.log"
+    planned = plan_log.stat().st_mtime_ns if first.returncode == 0 else None
+    second = early.command([*SPEED, "--epochs-only", "--workdir", str(work), "--output", str(again)], REPO,
+                           context["environ"], timeout=900) if first.returncode == 0 else None
+    return {"first": first, "output": output, "second": second, "again": again, "plan_log": plan_log,
+            "planned": planned}
+
+
+@pytest.fixture(scope="module")
+def speed_smoke(started_early) -> dict:
+    """The two calls' exits and outputs."""
+    return started_early["speed_smoke"].result()
+
+
 @pytest.mark.slow
 @pytest.mark.needs_la_data(LA_LITE)
-def test_speed_benchmark_measures_every_target_in_one_run(tmp_path):
-    output = tmp_path / "speed.json"
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_speed.py"), "--device", "cpu",
-                             "--cpu-smoke", "--data", str(LA_LITE), "--workdir", str(tmp_path / "work"),
-                             "--labeled", "2", "--unlabeled", "2", "--output", str(output),
-                             "--variants", "nnUNetTrainerSASSNetHalfResD"],
-                            capture_output=True, text=True, timeout=900)
+def test_speed_benchmark_measures_every_target_in_one_run(speed_smoke):
+    calls = speed_smoke
+    result = calls["first"]
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    figures = json.loads(output.read_text())
+    figures = json.loads(calls["output"].read_text())
 
     assert figures["patch_size"] == [16, 16, 16] and figures["compile"] == "f"
     assert figures["complete"] is True  # written after every stage; True only once every target is in
@@ -54,14 +77,10 @@ def test_speed_benchmark_measures_every_target_in_one_run(tmp_path):
         assert line in result.stdout
 
     # a call cut short after targets 1-5 is completed by target 6 alone, on the dataset the first call made
-    again, plan_log = tmp_path / "epochs.json", tmp_path / "work" / "logs" / "plan_701.log"
-    planned = plan_log.stat().st_mtime_ns
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_speed.py"), "--device", "cpu",
-                             "--cpu-smoke", "--epochs-only", "--data", str(LA_LITE), "--workdir",
-                             str(tmp_path / "work"), "--labeled", "2", "--unlabeled", "2", "--output", str(again)],
-                            capture_output=True, text=True, timeout=900)
+    result = calls["second"]
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    figures = json.loads(again.read_text())
+    figures = json.loads(calls["again"].read_text())
     assert [label.split()[0] for label in figures["targets"]] == ["6"] and figures["complete"] is True
     assert "nnUNetTrainer_batch4" not in figures and len(figures["epochs"]) == 1
-    assert plan_log.stat().st_mtime_ns == planned  # the prepared dataset was reused, not planned again
+    # the prepared dataset was reused, not planned again
+    assert calls["plan_log"].stat().st_mtime_ns == calls["planned"]
