@@ -1,3 +1,4 @@
+"""``python -m nnunet_sassnet.demo``: the same as the ``nnunet_sassnet_demo`` command."""
 import sys
 
 from nnunet_sassnet.demo import main
