@@ -216,6 +216,12 @@ class EarlyStart:
             self.stop()
         return subprocess.CompletedProcess(cmd, process.returncode, stdout, stdout if merge_output else stderr)
 
+    def end(self) -> None:
+        """The session is ending: start no more commands (nor the work, if the lane has not begun it), and
+        stop those running."""
+        self.ending = True
+        self.stop()
+
     def stop(self) -> None:
         """End the commands still running, with the processes they started: SIGTERM first (the benchmark
         then stops its own tools), SIGKILL after 10 s."""
@@ -259,10 +265,10 @@ def _lane_rank(item: pytest.Item) -> int:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Modules whose tests need a lane work run after the others, in the lane's order; a module's tests stay
     together and in their order (its module fixtures are made once)."""
-    ranks: dict[str, int] = {}
+    ranks: dict[Path, int] = {}
     for item in items:
-        ranks[item.nodeid.split("::")[0]] = max(ranks.get(item.nodeid.split("::")[0], 0), _lane_rank(item))
-    items.sort(key=lambda item: ranks[item.nodeid.split("::")[0]])  # a stable sort
+        ranks[item.path] = max(ranks.get(item.path, 0), _lane_rank(item))
+    items.sort(key=lambda item: ranks[item.path])  # a stable sort
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -273,14 +279,12 @@ def started_early(request, tmp_path_factory) -> dict[str, EarlyStart]:
     wanted = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
     environ = dict(os.environ)
     started = {name: EarlyStart(name) for name in LANE if name in EARLY_STARTS and name in wanted}
-    ending = threading.Event()
 
     def lane() -> None:
         for early in started.values():
-            while not early.wait_ready(timeout=0.5):
-                if ending.is_set():
-                    return
-            if ending.is_set():
+            while not (early.wait_ready(timeout=0.5) or early.ending):
+                pass
+            if early.ending:
                 return
             early.run_unless_taken()
 
@@ -294,10 +298,8 @@ def started_early(request, tmp_path_factory) -> dict[str, EarlyStart]:
             started[name].give(lambda early, work=work, context=context: work(context, early))
         yield started
     finally:
-        ending.set()
         for early in started.values():
-            early.ending = True
-            early.stop()
+            early.end()
 
 
 @early_start("sassnet_fold0", needs=("tiny_dataset",))
