@@ -1,6 +1,7 @@
 """Real training steps of the trainers, in-process, on the tiny dataset."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -10,6 +11,8 @@ import torch
 from conftest import SMALL_PLANS
 from nnunet_sassnet.sdm import signed_distance_map
 from nnunet_sassnet.trainers import gaussian_rampup
+from nnunet_sassnet.unlabeled.cases import STAMP_FILE
+from nnunet_sassnet.unlabeled.integrity import case_records
 
 
 def make_trainer(name: str = "nnUNetTrainerSASSNet_smoke", fold="all"):
@@ -273,6 +276,9 @@ def test_discriminator_sees_labeled_and_unlabeled_patches_drawn_alike(started_tr
     labeled_folder = trainer.preprocessed_dataset_folder
     for name in __import__("os").listdir(labeled_folder):
         shutil.copy(f"{labeled_folder}/{name}", tmp_path / name)
+    # with the records that nnunet_sassnet_preprocess_unlabeled stamps its folders with (the loader checks them)
+    cases = [p.name[:-len(".pkl")] for p in tmp_path.glob("*.pkl")]
+    (tmp_path / STAMP_FILE).write_text(json.dumps({"files": case_records(str(tmp_path), cases)}))
     trainer.unlabeled_preprocessed_folder = str(tmp_path)
     unlabeled_loader = trainer._unlabeled_dataloader()
 

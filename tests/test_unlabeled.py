@@ -135,7 +135,41 @@ BAD_INPUTS = {
     "2D image in a 3D dataset": (lambda ds: sitk.WriteImage(
         sitk.GetImageFromArray(np.ones((24, 24), np.float32)), str(ds["raw"] / "imagesUnlabeled" / "un003_0000.nii.gz")),
         [], ["un003_0000.nii.gz", "3D"]),
+    "4D image": (lambda ds: sitk.WriteImage(sitk.GetImageFromArray(np.ones((2, 24, 24, 24), np.float32)),
+                                            str(ds["raw"] / "imagesUnlabeled" / "un001_0000.nii.gz")),
+                 [], ["un001_0000.nii.gz", "read as 2 channels", "split it"]),
+    "vector image (2 components)": (lambda ds: sitk.WriteImage(
+        sitk.GetImageFromArray(np.ones((24, 24, 24, 2), np.float32), isVector=True),
+        str(ds["raw"] / "imagesUnlabeled" / "un001_0000.nii.gz")), [], ["un001_0000.nii.gz", "components per voxel"]),
+    "NaN and Inf voxels": (lambda ds: change_voxels(ds, "un001", nan_and_inf), [],
+                           ["un001_0000.nii.gz", "9 of 13824 voxels are NaN or infinite"]),
+    "values too large for the normalisation": (
+        lambda ds: change_voxels(ds, "un001", lambda a: (a / a.max() * np.float32(3e38)).astype(np.float32)),
+        [], ["un001_0000.nii.gz", "become NaN or infinite in the plan's ZScoreNormalization", "rescale"]),
+    "truncated .nii.gz": (lambda ds: cut_in_half(ds["raw"] / "imagesUnlabeled" / "un001_0000.nii.gz"),
+                          [], ["un001_0000.nii.gz", "truncated or corrupt"]),
+    "dangling link": (lambda ds: (ds["raw"] / "imagesUnlabeled" / "un009_0000.nii.gz").symlink_to(
+        ds["root"] / "no_such_scan.nii.gz"), [], ["un009_0000.nii.gz", "does not exist", "fix the link"]),
 }
+
+
+def change_voxels(ds: dict, case: str, change) -> None:
+    """Rewrite a 1-channel unlabeled scan with ``change(voxels)`` (SimpleITK writes NaN and Inf as they are)."""
+    path = str(ds["raw"] / "imagesUnlabeled" / f"{case}_0000.nii.gz")
+    image = sitk.ReadImage(path)
+    changed = sitk.GetImageFromArray(change(sitk.GetArrayFromImage(image)))
+    changed.CopyInformation(image)
+    sitk.WriteImage(changed, path)
+
+
+def nan_and_inf(voxels: np.ndarray) -> np.ndarray:
+    voxels[3:5, 3:5, 3:5] = np.nan  # SimpleITK would read these 9 voxels as 0
+    voxels[0, 0, 0] = np.inf
+    return voxels
+
+
+def cut_in_half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
 
 
 def entry_in_process(ds: dict, monkeypatch, capsys, *args: str):
@@ -169,6 +203,41 @@ def test_bad_input_is_refused_and_nothing_is_written(dataset_copy, case, monkeyp
     assert sorted(p.name for p in unlabeled_folder(ds).iterdir()) == before
     assert (unlabeled_folder(ds) / "sassnet_unlabeled_stamp.json").read_text() == stamp
     assert not [p for p in ds["pre"].rglob(".tmp*")]
+
+
+def make_two_channel(ds: dict) -> None:
+    """Turn the copy into a 2-channel dataset as nnU-Net would plan it (one normalisation and one set of intensity
+    statistics per channel), with a second channel file for each unlabeled scan."""
+    for folder in (ds["raw"], ds["pre"]):
+        dataset_json = json.loads((folder / "dataset.json").read_text())
+        dataset_json["channel_names"] = {"0": "ch0", "1": "ch1"}
+        (folder / "dataset.json").write_text(json.dumps(dataset_json))
+    plans_file = ds["pre"] / f"{SMALL_PLANS}.json"
+    plans = json.loads(plans_file.read_text())
+    configuration = plans["configurations"]["3d_fullres"]
+    for key in ("normalization_schemes", "use_mask_for_norm"):
+        configuration[key] = configuration[key] * 2
+    statistics = plans["foreground_intensity_properties_per_channel"]
+    statistics["1"] = statistics["0"]
+    plans_file.write_text(json.dumps(plans))
+    for image in sorted((ds["raw"] / "imagesUnlabeled").glob("*_0000.nii.gz")):
+        shutil.copy(image, image.with_name(image.name.replace("_0000", "_0001")))
+
+
+def test_channel_files_of_another_grid_are_named(dataset_copy, monkeypatch, capsys):
+    """A 2-channel dataset: the channel file whose shape or spacing differs is named, not the first one."""
+    ds = dataset_copy
+    make_two_channel(ds)
+    args = ["-d", "990", "-c", "3d_fullres", "-p", SMALL_PLANS, "-np", "1"]
+    good = entry_in_process(ds, monkeypatch, capsys, *args)
+    assert good.returncode == 0, good.stderr
+    second = ds["raw"] / "imagesUnlabeled" / "un001_0001.nii.gz"
+    write_image(np.ones((20, 24, 24), np.float32), str(second), 1.0)
+    assert_refused(entry_in_process(ds, monkeypatch, capsys, *args),
+                   "un001_0001.nii.gz: shape (20, 24, 24) differs from un001_0000.nii.gz's (24, 24, 24)", "resample")
+    write_image(np.ones((24, 24, 24), np.float32), str(second), 1.5)
+    assert_refused(entry_in_process(ds, monkeypatch, capsys, *args),
+                   "un001_0001.nii.gz: spacing (1.5, 1.5, 1.5) differs from un001_0000.nii.gz's (1.0, 1.0, 1.0)")
 
 
 def test_no_plans_yet_is_refused(dataset_copy):

@@ -135,18 +135,26 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainerSDM):
         self.dataloader_unlabeled = self._unlabeled_dataloader()
         return dataloader_train, dataloader_val
 
-    def _unlabeled_dataloader(self):
-        """nnU-Net's own loader and training augmentation over ``unlabeled_preprocessed_folder``; random patches."""
-        patch_size = self.configuration_manager.patch_size
-        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+    def unlabeled_transforms(self, configured: tuple | None = None):
+        """nnU-Net's training augmentation for the unlabeled patches (no deep-supervision targets, no regions).
+
+        ``configured``: what ``configure_rotation_dummyDA_mirroring_and_inital_patch_size`` returned, if at hand.
+        """
+        rotation, dummy_2d, _, mirror_axes = configured or \
             self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        transforms = self.get_training_transforms(
-            patch_size, rotation, None, mirror_axes, dummy_2d,
+        return self.get_training_transforms(
+            self.configuration_manager.patch_size, rotation, None, mirror_axes, dummy_2d,
             use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=False,
             foreground_labels=self.label_manager.foreground_labels, regions=None, ignore_label=None)
+
+    def _unlabeled_dataloader(self):
+        """nnU-Net's own loader and training augmentation over ``unlabeled_preprocessed_folder``; random patches."""
+        configured = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         return make_unlabeled_loader(self.unlabeled_preprocessed_folder, self.unlabeled_batch_size or self.batch_size,
-                                     initial_patch_size, patch_size, self.label_manager, transforms,
-                                     get_allowed_n_proc_DA(), pin_memory=self.device.type == "cuda")
+                                     configured[2], self.configuration_manager.patch_size, self.label_manager,
+                                     self.unlabeled_transforms(configured), get_allowed_n_proc_DA(),
+                                     pin_memory=self.device.type == "cuda",
+                                     log_file=self.log_file if self.local_rank == 0 else None)
 
     def on_train_end(self):
         super().on_train_end()

@@ -6,14 +6,18 @@ with the plan's own preprocessor (cropping, resampling, normalisation identical 
 ``nnUNet_preprocessed/DatasetXXX_Name/<data_identifier>_unlabeled/``: beside nnU-Net's folder, never inside
 it, because nnU-Net wipes ``<data_identifier>/`` when it preprocesses again and treats every case in it as a
 labeled training case. A stamp file there records a hash of what the data was made from, so a change of
-plans, dataset.json or input files is detected, and the size of every file written, so a damaged (truncated)
-case is detected and preprocessed again.
+plans, dataset.json or input files is detected, and the size and content hashes of every file written, so a
+damaged case is detected (before training, or by the loader while training) and preprocessed again (see
+:mod:`~nnunet_sassnet.unlabeled.integrity`). Bad scans are refused before anything is written, one line naming
+the file and the fix (:mod:`~nnunet_sassnet.unlabeled.image_checks`).
 
 Several runs (the folds of a dataset trained at once, DDP ranks, a user adding scans while a fold trains) share
 that folder, so it is a :class:`~nnunet_sassnet.versioned_folder.VersionedFolder`: ``<data_identifier>_unlabeled``
 is a link to ``<data_identifier>_unlabeled_versions/<version>``. One process preprocesses while the others wait
 for it; a new version is swapped in whole; a training run leases the version it reads, which is kept until no
-run uses it. The trainer calls :func:`ensure_preprocessed` and :func:`make_unlabeled_loader`, nothing else.
+run uses it. Folders follow the umask, so a group can share ``nnUNet_preprocessed``; where it may not be written,
+up-to-date data is used as it is. The trainer calls :func:`ensure_preprocessed` and :func:`make_unlabeled_loader`,
+nothing else.
 
 A preprocessed unlabeled case is an ordinary nnU-Net (blosc2) case whose "segmentation" holds only the
 nonzero mask (-1 outside, 0 inside; nnU-Net's mask-based normalisation reads it) and whose

@@ -10,6 +10,8 @@ from nnunet_sassnet.errors import UserInputError
 
 UNLABELED_IMAGES_FOLDER = "imagesUnlabeled"
 STAMP_FILE = "sassnet_unlabeled_stamp.json"
+#: changes when the preprocessed data or its stamp file change form: data of another form is preprocessed again
+STAMP_FORMAT = 2
 
 #: the files nnU-Net's blosc2 dataset keeps per case
 CASE_FILE_SUFFIXES = (".b2nd", "_seg.b2nd", ".pkl")
@@ -43,6 +45,9 @@ def list_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> dict[st
         path = os.path.join(folder, name)
         if name.startswith(".") or os.path.isdir(path):
             continue
+        if os.path.islink(path) and not os.path.exists(path):
+            raise UserInputError(f"{path}: a link to {os.readlink(path)}, which does not exist; fix the link or "
+                                 f"remove it")
         match = pattern.match(name)
         if match is None:
             raise UserInputError(
@@ -76,7 +81,8 @@ def compute_stamp(plans: dict, configuration_name: str, dataset_json: dict, case
     """Hash of everything the preprocessed unlabeled data depends on.
 
     The plans (the configuration as resolved, and the plan-wide settings it reads: transposition,
-    intensity statistics, reader), dataset.json, and the input files (names, sizes, modification times).
+    intensity statistics, reader), dataset.json, the input files (names, sizes, modification times) and
+    :data:`STAMP_FORMAT`.
     """
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -93,8 +99,8 @@ def compute_stamp(plans: dict, configuration_name: str, dataset_json: dict, case
         for path in cases[case]:
             st = os.stat(path)
             files.append([os.path.basename(path), st.st_size, int(st.st_mtime)])
-    payload = json.dumps({"plans": relevant_plans, "dataset_json": dataset_json, "files": files},
-                         sort_keys=True, default=str)
+    payload = json.dumps({"plans": relevant_plans, "dataset_json": dataset_json, "files": files,
+                          "format": STAMP_FORMAT}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

@@ -1,7 +1,9 @@
 """Preprocessing unlabeled scans with the dataset's plans into a versioned folder that runs lease.
 
 One process preprocesses under the writer lock while the others wait; a new version is swapped in whole; damaged
-cases are preprocessed again; a full disk leaves the previous version untouched (see the package docstring).
+cases are preprocessed again; a full disk leaves the previous version untouched (see the package docstring). Where
+``nnUNet_preprocessed`` may not be written (a read-only file system, another user's folders), up-to-date data is
+used as it is, as nnU-Net uses its own.
 """
 from __future__ import annotations
 
@@ -19,9 +21,10 @@ import numpy as np
 from tqdm import tqdm
 
 from nnunet_sassnet.errors import UserInputError
-from nnunet_sassnet.unlabeled.cases import (CASE_FILE_SUFFIXES, STAMP_FILE, UNLABELED_IMAGES_FOLDER, compute_stamp,
-                                            list_unlabeled_cases, unlabeled_data_is_current,
-                                            unlabeled_preprocessed_folder)
+from nnunet_sassnet.unlabeled.cases import (STAMP_FILE, UNLABELED_IMAGES_FOLDER, compute_stamp, list_unlabeled_cases,
+                                            unlabeled_data_is_current, unlabeled_preprocessed_folder)
+from nnunet_sassnet.unlabeled.image_checks import check_normalised, read_case_images
+from nnunet_sassnet.unlabeled.integrity import case_records, clear_damage_notes, damaged_cases, load_records
 from nnunet_sassnet.versioned_folder import Lease, VersionedFolder
 
 __all__ = ["UnlabeledData", "ensure_preprocessed", "preprocess_unlabeled"]
@@ -40,20 +43,14 @@ def _preprocess_one_case(output_filename_truncated: str, image_files: list[str],
     configuration_manager = plans_manager.get_configuration(configuration_name)
     preprocessor = configuration_manager.preprocessor_class(verbose=False)
     reader = plans_manager.image_reader_writer_class()
-    try:
-        images, image_properties = reader.read_images(image_files)
-    except Exception as e:  # the readers raise many types for unreadable files
-        raise UserInputError(f"{image_files[0]}: could not read this image ({type(e).__name__}: {e}); "
-                             f"replace or remove the case") from e
     # nnU-Net's readers return (c, x, y, z), 2D images as (c, 1, y, x); the plans' median shape tells which
     # kind the dataset has
     dataset_is_2d = plans["original_median_shape_after_transp"][0] == 1
-    if images.ndim != 4 or (images.shape[1] == 1) != dataset_is_2d:
-        kind = "2D" if dataset_is_2d else "3D"
-        raise UserInputError(f"{image_files[0]}: image shape {images.shape[1:]} does not match the dataset's "
-                             f"{kind} images; unlabeled scans must have the labeled scans' dimensionality")
+    images, image_properties = read_case_images(reader, image_files, dataset_is_2d)
+    largest = [max(abs(float(channel.min())), abs(float(channel.max()))) for channel in images]
     data, seg, properties = preprocessor.run_case_npy(images, None, image_properties, plans_manager,
                                                       configuration_manager, dataset_json)
+    check_normalised(data, image_files, largest, configuration_manager.normalization_schemes)
     label_manager = plans_manager.get_label_manager(dataset_json)
     keys = label_manager.foreground_regions if label_manager.has_regions else label_manager.foreground_labels
     # nnU-Net's loader reads class_locations for every case; an unlabeled case has none
@@ -70,7 +67,8 @@ def _preprocess_one_case(output_filename_truncated: str, image_files: list[str],
 
 @dataclass
 class UnlabeledData:
-    """Preprocessed unlabeled data ready to read: the version folder and, for a training run, its lease."""
+    """Preprocessed unlabeled data ready to read: the version folder and, for a training run, its lease (which
+    may not be held: see :meth:`Lease.held`)."""
 
     folder: str
     num_cases: int
@@ -83,6 +81,8 @@ class UnlabeledData:
             return
         self.lease.release()
         self.lease = None
+        if not self.store.writable():
+            return
         with self.store.writer_lock(blocking=False) as locked:
             if locked:
                 self.store.remove_unused()
@@ -132,8 +132,10 @@ def ensure_preprocessed(dataset_name_or_id: str | int, configuration: str = "3d_
     Under the writer lock (other processes wait and ``log`` says so): delete what interrupted runs left and the
     versions no run uses; preprocess every case into a new version when there is none, when it was made from
     other plans, dataset.json or images, or with ``force``; preprocess again the cases whose files are damaged
-    (missing or another size than written). With ``lease``, the returned version is kept until
-    :meth:`UnlabeledData.release` or the end of the process, whatever replaces it meanwhile.
+    (missing, another size or other sampled blocks than written, or noted as damaged by a training run: see
+    :mod:`~nnunet_sassnet.unlabeled.integrity`). With ``lease``, the returned version is kept until
+    :meth:`UnlabeledData.release` or the end of the process, whatever replaces it meanwhile. Where this process
+    may not write, the current version is used as it is if it is up to date and whole, else refused.
     """
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -142,6 +144,10 @@ def ensure_preprocessed(dataset_name_or_id: str | int, configuration: str = "3d_
     cases = list_unlabeled_cases(raw_folder, dataset_json)
     stamp = compute_stamp(plans, configuration, dataset_json, cases)
     store = VersionedFolder(unlabeled_preprocessed_folder(base, data_identifier))
+    if not store.writable():
+        command = (f"nnunet_sassnet_preprocess_unlabeled -d {dataset_name_or_id} -c {configuration} "
+                   f"-p {plans_identifier}")
+        return _use_as_it_is(store, cases, stamp, lease, log, command)
     build = _Builder(cases, plans, configuration, plans_identifier, dataset_json, stamp, num_processes, progress)
     with store.writer_lock(on_wait=lambda why: log(f"Unlabeled data: {why}")):
         if store.adopt_plain_folder() is not None:
@@ -151,39 +157,71 @@ def ensure_preprocessed(dataset_name_or_id: str | int, configuration: str = "3d_
         folder = store.current()
         if force or folder is None or not unlabeled_data_is_current(folder, stamp):
             reason = "to be replaced (--force)" if force else \
-                "missing or was made from other plans, dataset.json or images"
+                "missing or was made from other plans, dataset.json or images (or by an earlier nnunet_sassnet)"
             log(f"Unlabeled data in {store.path} is {reason}: preprocessing {len(cases)} unlabeled cases now")
             build_folder = store.new_build_folder()
             try:
                 with _full_disk_as_user_error(build_folder, store.path):
                     build.run(cases, build_folder)
-                    build.write_stamp(build_folder, cases)
+                    build.write_stamp(build_folder, case_records(build_folder, cases))
                     folder = store.publish(build_folder, stamp[:16])
             finally:
                 if os.path.isdir(build_folder):
                     shutil.rmtree(build_folder, ignore_errors=True)
             log(f"Preprocessed {len(cases)} unlabeled cases into {folder}")
         else:
-            damaged = _damaged_cases(folder, cases)
+            records = load_records(folder)
+            damaged = damaged_cases(folder, cases, records)
             if damaged:
                 log(f"Unlabeled data in {folder}: damaged {'; '.join(damaged.values())}: preprocessing "
                     f"{len(damaged)} case(s) again")
-                _repair(store, build, folder, {case: cases[case] for case in damaged})
+                _repair(store, build, folder, {case: cases[case] for case in damaged}, records)
             else:
                 log(f"Unlabeled data in {folder} is up to date ({len(cases)} cases)")
         held = store.lease(folder) if lease else None
+        if held is not None and not held.held:
+            log(f"Unlabeled data: this run cannot lease {folder}: {held.why_not}")
         _report_removed(store, log)  # the version just replaced, unless a run still reads it
     return UnlabeledData(folder=folder, num_cases=len(cases), store=store, lease=held)
 
 
+def _use_as_it_is(store: VersionedFolder, cases: dict[str, list[str]], stamp: str, lease: bool,
+                  log: Callable[[str], None], command: str) -> UnlabeledData:
+    """The current version of a store that this process may not write: used as it is when it is up to date and
+    whole (as nnU-Net uses its own preprocessed data), else refused; nothing is preprocessed or deleted."""
+    where = os.path.dirname(store.path)
+    fix = f"run {command} as a user who may write there, or point nnUNet_preprocessed to a writable copy"
+    folder = store.current()
+    if folder is None or not unlabeled_data_is_current(folder, stamp):
+        raise UserInputError(f"{store.path}: the unlabeled data is missing or was made from other plans, "
+                             f"dataset.json or images, and this process may not write in {where} to preprocess "
+                             f"it; {fix}")
+    damaged = damaged_cases(folder, cases, load_records(folder))
+    if damaged:
+        raise UserInputError(f"{folder}: damaged {'; '.join(damaged.values())}; this process may not write there "
+                             f"to preprocess it again: {fix}")
+    held = store.lease(folder) if lease else None
+    if held is None:
+        leased = ""
+    elif held.held:
+        leased = "; this run holds a lease on it (through a read-only handle)"
+    else:
+        leased = f"; this run cannot lease it ({held.why_not}): do not preprocess it again while this run trains"
+    log(f"Unlabeled data in {folder} is up to date ({len(cases)} cases); {where} is not writable here, so it is "
+        f"used as it is{leased}")
+    return UnlabeledData(folder=folder, num_cases=len(cases), store=store, lease=held)
+
+
 def _report_removed(store: VersionedFolder, log: Callable[[str], None]) -> None:
-    orphans, removed = store.remove_unused()
-    if orphans:
-        log(f"Unlabeled data: removed {len(orphans)} unfinished folder(s) left by an interrupted preprocessing "
-            f"run in {store.versions_dir}: {', '.join(orphans)}")
-    if removed:
-        log(f"Unlabeled data: removed {len(removed)} older version(s) that no run uses any more: "
-            f"{', '.join(removed)}")
+    cleanup = store.remove_unused()
+    if cleanup.orphans:
+        log(f"Unlabeled data: removed {len(cleanup.orphans)} unfinished folder(s) left by an interrupted "
+            f"preprocessing run in {store.versions_dir}: {', '.join(cleanup.orphans)}")
+    if cleanup.removed:
+        log(f"Unlabeled data: removed {len(cleanup.removed)} older version(s) that no run uses any more: "
+            f"{', '.join(cleanup.removed)}")
+    for name, why in cleanup.kept.items():
+        log(f"Unlabeled data: kept the older version {os.path.join(store.versions_dir, name)}: {why}")
 
 
 @dataclass
@@ -203,47 +241,31 @@ class _Builder:
         _run_cases(cases, folder, self.plans, self.configuration, self.dataset_json, self.num_processes,
                    self.progress)
 
-    def write_stamp(self, folder: str, cases: dict[str, list[str]]) -> None:
-        """The stamp and the size of every case file, written last (atomically): a folder with a stamp is complete."""
-        files = {case + suffix: os.path.getsize(os.path.join(folder, case + suffix))
-                 for case in sorted(cases) for suffix in CASE_FILE_SUFFIXES}
+    def write_stamp(self, folder: str, records: dict[str, dict]) -> None:
+        """The stamp and the records of every case file (see :func:`case_records`), written last (atomically): a
+        folder with a stamp is complete."""
         content = {"stamp": self.stamp, "plans_identifier": self.plans_identifier,
-                   "configuration": self.configuration, "num_cases": len(cases), "files": files}
+                   "configuration": self.configuration, "num_cases": len(self.cases), "files": records}
         tmp = os.path.join(folder, "." + STAMP_FILE + ".tmp")
         with open(tmp, "w") as f:
             json.dump(content, f, indent=2)
         os.replace(tmp, os.path.join(folder, STAMP_FILE))
 
 
-def _damaged_cases(folder: str, cases: dict[str, list[str]]) -> dict[str, str]:
-    """Case -> what is wrong with its files, against the sizes the stamp file recorded."""
-    with open(os.path.join(folder, STAMP_FILE)) as f:
-        sizes = json.load(f).get("files")
-    if sizes is None:  # written before sizes were recorded: nothing to compare with
-        return {}
-    damaged = {}
-    for case in sorted(cases):
-        for suffix in CASE_FILE_SUFFIXES:
-            name = case + suffix
-            path = os.path.join(folder, name)
-            size = os.path.getsize(path) if os.path.isfile(path) else None
-            if size != sizes.get(name):
-                found = "missing" if size is None else f"{size} bytes"
-                damaged[case] = f"case {case} ({name}: {found}, {sizes.get(name)} bytes written)"
-                break
-    return damaged
-
-
-def _repair(store: VersionedFolder, build: _Builder, folder: str, cases: dict[str, list[str]]) -> None:
-    """Preprocess ``cases`` again and put their files into ``folder``, one atomic rename per file."""
+def _repair(store: VersionedFolder, build: _Builder, folder: str, cases: dict[str, list[str]],
+            records: dict[str, dict]) -> None:
+    """Preprocess ``cases`` again and put their files into ``folder``, one atomic rename per file; ``records``:
+    those of the stamp file, kept for the other cases."""
     build_folder = store.new_build_folder()
     try:
         with _full_disk_as_user_error(build_folder, store.path):
             build.run(cases, build_folder)
+            repaired = case_records(build_folder, cases)
             # a run reading the version meanwhile opens the old file or the new one, never a partial one
             for name in os.listdir(build_folder):
                 os.replace(os.path.join(build_folder, name), os.path.join(folder, name))
-            build.write_stamp(folder, build.cases)
+            build.write_stamp(folder, {**records, **repaired})
+            clear_damage_notes(folder, cases)
     finally:
         shutil.rmtree(build_folder, ignore_errors=True)
 
