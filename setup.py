@@ -82,6 +82,7 @@ setup(
             "nnunet_sassnet_evaluate=nnunet_sassnet.evaluation.cli:main",
             "nnunet_sassnet_demo=nnunet_sassnet.demo:main",
             "nnunet_sassnet_export_plain=nnunet_sassnet.export:main",
+            "nnunet_sassnet_selftrain=nnunet_sassnet.selftraining:main",
         ]
     },
 )
