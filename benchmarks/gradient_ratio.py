@@ -10,10 +10,19 @@ at most. CPU or GPU::
 
     python benchmarks/gradient_ratio.py --data ../shared/data/la2018_uamt_lite_1.25mm --workdir /tmp/gradratio \\
         --output gradient_ratio.json
+
+A trainer may carry class-attribute overrides, ``NAME:attr=value,attr=value`` (values as Python literals), e.g.
+``nnUNetTrainerMeanTeacherTwoView:consistency_view='intensity'`` or ``nnUNetTrainerBCP:pretraining_fraction=0``
+(BCP's ratio exists in its self-training stage only); the attributes of
+:class:`~nnunet_sassnet.trainers.published_loss.PublishedLossBalance` (``supervised_ce_weight``, ...) give any
+trainer the published loss balance. ``--pretrained-weights CHECKPOINT`` starts every trainer from the same trained
+nnU-Net model (all layers, output layers included) instead of from initialisation; ``--fixed-state`` measures
+every step from the same state (see :func:`measure`).
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import json
 import os
@@ -58,28 +67,89 @@ def prepare(data: Path, workdir: Path, labeled: int, unlabeled: int, spacing: fl
     return env
 
 
-def measure(trainer_name: str, steps: int, seed: int, device: str) -> dict:
-    """Run ``steps`` training steps of one trainer, measuring the gradient ratio on every step."""
-    import torch
-    from nnunetv2.run.run_training import get_trainer_from_args
+def parse_trainer_spec(spec: str) -> tuple[str, dict]:
+    """``NAME`` or ``NAME:attr=value,...`` -> (trainer name, class-attribute overrides)."""
+    name, _, rest = spec.partition(":")
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            overrides[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            overrides[key.strip()] = value.strip()
+    return name, overrides
 
+
+def trainer_class(name: str, overrides: dict) -> type:
+    """nnU-Net's trainer class ``name``, or a subclass of it with ``overrides`` as class attributes (with the
+    published loss balance mixed in when an override names one of its settings)."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    from nnunet_sassnet.trainers.published_loss import PublishedLossBalance
+
+    cls = recursive_find_trainer_class_by_name(name)
+    if not overrides:
+        return cls
+    bases = (cls,)
+    if any(hasattr(PublishedLossBalance, k) for k in overrides) and not issubclass(cls, PublishedLossBalance):
+        bases = (PublishedLossBalance, cls)
+    return type(f"{name}_measured", bases, dict(overrides))
+
+
+def measure(spec: str, steps: int, seed: int, device: str, pretrained_weights: Path | None = None,
+            fixed_state: bool = False) -> dict:
+    """Run ``steps`` training steps of one trainer, measuring the gradient ratio on every step.
+
+    ``fixed_state``: every step starts from the state before the first (network, optimizer, teacher, iteration):
+    the ratio over several batches at one point of training, without the lag of an EMA teacher behind a network
+    that moves fast (at initialisation), which late in training, at a small learning rate, is small.
+    """
+    import copy
+
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import join, load_json
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    from nnunet_sassnet.trainers.output_layers import load_output_layers
+
+    trainer_name, overrides = parse_trainer_spec(spec)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    trainer = get_trainer_from_args(str(DATASET_ID), "3d_fullres", "all", trainer_name, "nnUNetPlans",
-                                    device=torch.device(device))
+    folder = join(nnUNet_preprocessed, maybe_convert_to_dataset_name(DATASET_ID))
+    plans = {**load_json(join(folder, "nnUNetPlans.json")), "continue_training": False}  # as nnU-Net passes them
+    trainer = trainer_class(trainer_name, overrides)(
+        plans=plans, configuration="3d_fullres", fold="all", dataset_json=load_json(join(folder, "dataset.json")),
+        device=torch.device(device))
     trainer.gradient_probe_steps_per_epoch = trainer.num_iterations_per_epoch  # every step
+    if pretrained_weights is not None:
+        trainer.initialize()
+        load_pretrained_weights(trainer.network, str(pretrained_weights))  # nnU-Net's -pretrained_weights
+        load_output_layers(trainer.network, torch.load(pretrained_weights, map_location="cpu", weights_only=False))
+    np.random.seed(seed)  # the same patches and draws for every trainer from here on
+    torch.manual_seed(seed)
     trainer.on_train_start()
     trainer.on_train_epoch_start()
+    start = copy.deepcopy((trainer.network.state_dict(), trainer.optimizer.state_dict(),
+                           trainer.extra_checkpoint_state())) if fixed_state else None
     ratios, weights = [], []
     for _ in range(steps):
         out = trainer.train_step(next(trainer.dataloader_train))
         ratios.append(float(out["unlabeled_grad_ratio"]))
         weights.append(float(out["unlabeled_weight"]))
-    weight_max = float(trainer.unlabeled_weight_max)
-    per_unit_weight = [r / w for r, w in zip(ratios, weights)]
+        if start is not None:
+            trainer.network.load_state_dict(start[0])
+            trainer.optimizer.load_state_dict(copy.deepcopy(start[1]))
+            trainer.load_extra_checkpoint_state(copy.deepcopy(start[2]))
+    weight_max = float(trainer.unlabeled_weight(trainer.total_iterations))  # at the end of the run
+    # steps without an unlabeled term (BCP's pre-training) have no ratio
+    per_unit_weight = [r / w for r, w in zip(ratios, weights) if w > 0 and np.isfinite(r)]
+    if not per_unit_weight:
+        raise RuntimeError(f"{spec}: no step had an unlabeled term (BCP: add :pretraining_fraction=0)")
     at_max = [r * weight_max for r in per_unit_weight]
-    return {"trainer": trainer_name, "weight_max": weight_max, "steps": steps, "ratios": ratios,
-            "weights": weights, "median_ratio": float(np.median(ratios)),
+    return {"trainer": spec, "weight_max": weight_max, "steps": steps, "ratios": ratios,
+            "weights": weights, "median_ratio": float(np.nanmedian(ratios)),
             "median_ratio_at_weight_max": float(np.median(at_max)),
             "range_ratio_at_weight_max": [float(min(at_max)), float(max(at_max))],
             "median_ratio_per_unit_weight": float(np.median(per_unit_weight)),
@@ -99,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trainers", nargs="+", default=list(DEFAULT_TRAINERS))
     parser.add_argument("--weights", nargs="+", type=float, default=list(DEFAULT_WEIGHTS),
                         help="weights of the unlabeled term to report the ratio at (the ratio is linear in it)")
+    parser.add_argument("--pretrained-weights", type=Path,
+                        help="an nnU-Net checkpoint of this plan that every trainer starts from")
+    parser.add_argument("--fixed-state", action="store_true",
+                        help="measure every step from the same state (no drift of student and teacher)")
+    parser.add_argument("--note", default="", help="stored in the JSON, e.g. how --pretrained-weights was made")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
 
@@ -107,11 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     # nnU-Net reads its folders when nnunetv2.paths is first imported: set them before any trainer import
     os.environ.update({k: v for k, v in env.items() if k.startswith("nnUNet_")})
     os.environ["nnUNet_n_proc_DA"] = "0"
-    results = [measure(name, args.steps, args.seed, args.device) for name in args.trainers]
+    results = [measure(spec, args.steps, args.seed, args.device, args.pretrained_weights, args.fixed_state)
+               for spec in args.trainers]
 
-    print(f"{'trainer':34s} {'weight_max':>10s} {'ratio (t=0)':>12s} {'ratio at weight_max':>20s}")
+    print(f"{'trainer':60s} {'weight_max':>10s} {'ratio (t=0)':>12s} {'ratio at weight_max':>20s}")
     for r in results:
-        print(f"{r['trainer']:34s} {r['weight_max']:10.4g} {r['median_ratio']:12.3g} "
+        print(f"{r['trainer']:60s} {r['weight_max']:10.4g} {r['median_ratio']:12.3g} "
               f"{r['median_ratio_at_weight_max']:20.3g}")
         for w in args.weights:
             print(f"    at weight {w:<8g} (end of the ramp): ratio {r['median_ratio_per_unit_weight'] * w:.3g}")
@@ -120,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
            "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                                     text=True).stdout.strip(),
-           "labeled": args.labeled, "unlabeled": args.unlabeled, "results": results}
+           "labeled": args.labeled, "unlabeled": args.unlabeled,
+           "pretrained_weights": str(args.pretrained_weights) if args.pretrained_weights else None,
+           "fixed_state": args.fixed_state, "note": args.note,
+           "results": results}
     if args.output:
         args.output.write_text(json.dumps(doc, indent=2))
         print(f"written: {args.output}")

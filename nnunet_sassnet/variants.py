@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from nnunet_sassnet.trainers import nnUNetTrainerDTC, nnUNetTrainerMeanTeacher, nnUNetTrainerSASSNet, nnUNetTrainerSDM
+from nnunet_sassnet.trainers import (nnUNetTrainerDTC, nnUNetTrainerMeanTeacher, nnUNetTrainerMeanTeacherTwoView,
+                                     nnUNetTrainerSASSNet, nnUNetTrainerSDM)
+from nnunet_sassnet.trainers.published_loss import PublishedLossBalance
 
 __all__ = ["nnUNetTrainerSASSNetPaper", "nnUNetTrainerSASSNetBeta005", "nnUNetTrainerSASSNetBeta015",
            "nnUNetTrainerSASSNetHalfResD", "nnUNetTrainerMeanTeacherW1", "nnUNetTrainerDTCW10",
+           "nnUNetTrainerMeanTeacherTwoViewPublishedBalance", "nnUNetTrainerDTCPublishedBalance",
            "nnUNetTrainerSDM_smoke", "nnUNetTrainerSASSNet_smoke"]
 
 
@@ -55,6 +58,24 @@ class nnUNetTrainerDTCW10(nnUNetTrainerDTC):
     """Dual-task consistency with lambda_max 10, ten times the published code's 1.0."""
 
     dtc_weight_max = 10.0
+
+
+# ---- the published balance of supervised loss and unlabeled term ---------------------------------------------------
+class nnUNetTrainerMeanTeacherTwoViewPublishedBalance(PublishedLossBalance, nnUNetTrainerMeanTeacherTwoView):
+    """Two-view mean teacher with UA-MT's supervised loss: (Dice + CE) / 2 on the full-resolution output, no SDM
+    term."""
+
+    supervised_ce_weight = 0.5
+    supervised_dice_weight = 0.5
+    sdm_loss_weight = 0.0
+
+
+class nnUNetTrainerDTCPublishedBalance(PublishedLossBalance, nnUNetTrainerDTC):
+    """Dual-task consistency with DTC's supervised loss: Dice alone (+ 0.3 x SDM MSE) on the full-resolution
+    output."""
+
+    supervised_ce_weight = 0.0
+    supervised_dice_weight = 1.0
 
 
 # ---- smoke tests: a few tiny epochs -----------------------------------------------------------------------------

@@ -152,9 +152,9 @@ def resenc_plans(tiny_dataset, user_env) -> str:
     return RESENC_PLANS
 
 
-def train_until_epoch_1(env: dict, trainer: str, plans: str) -> str:
+def train_until_epoch_1(env: dict, trainer: str, plans: str, *extra: str) -> str:
     """Start a training and stop it (like Ctrl-C) once epoch 0 is done and its checkpoint written."""
-    cmd = ["nnUNetv2_train", "990", "3d_fullres", "0", "-tr", trainer, "-p", plans, "-device", "cpu"]
+    cmd = ["nnUNetv2_train", "990", "3d_fullres", "0", "-tr", trainer, "-p", plans, "-device", "cpu", *extra]
     process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
     lines = []

@@ -8,4 +8,4 @@ up one of the trainers below never imports the demo.
 from nnunet_sassnet.trainers import nnUNetTrainerSASSNet, nnUNetTrainerSDM  # noqa: F401
 from nnunet_sassnet.variants import *  # noqa: F401,F403
 from nnunet_sassnet.trainers import (nnUNetTrainerBCP, nnUNetTrainerDTC, nnUNetTrainerDTCSASSNet,  # noqa: F401
-                                     nnUNetTrainerMeanTeacher)
+                                     nnUNetTrainerMeanTeacher, nnUNetTrainerMeanTeacherTwoView)

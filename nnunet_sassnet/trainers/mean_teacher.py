@@ -18,11 +18,15 @@ import copy
 import torch
 from torch import nn
 
+from nnunet_sassnet.errors import UserInputError
 from nnunet_sassnet.networks import unwrap_module
+from nnunet_sassnet.trainers.consistency_views import (CONSISTENCY_VIEWS, add_channel_dropout, apply_per_patch,
+                                                       intensity_transforms, random_mirror_dims)
+from nnunet_sassnet.trainers.output_layers import PretrainedOutputLayers
 from nnunet_sassnet.trainers.semisupervised import nnUNetTrainerSemiSupervised
 
-__all__ = ["nnUNetTrainerEMATeacher", "nnUNetTrainerMeanTeacher", "make_teacher", "ema_update",
-           "full_resolution", "probabilities"]
+__all__ = ["nnUNetTrainerEMATeacher", "nnUNetTrainerMeanTeacher", "nnUNetTrainerMeanTeacherTwoView", "make_teacher",
+           "ema_update", "full_resolution", "probabilities"]
 
 
 def full_resolution(seg_output) -> torch.Tensor:
@@ -147,9 +151,66 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerEMATeacher):
         noise = torch.randn_like(data) * self.teacher_noise_std
         return data + noise.clamp(-self.teacher_noise_clip, self.teacher_noise_clip)
 
+    def teacher_probabilities(self, data: torch.Tensor) -> torch.Tensor:
+        """The consistency target: the teacher's probabilities for the unlabeled patches ``data``."""
+        return probabilities(self.teacher_logits(self.teacher_input(data)), self.label_manager.has_regions)
+
     def unlabeled_loss(self, seg_output, sdm_output, data, num_labeled):
         """MSE between the student's and the teacher's probabilities on the unlabeled patches."""
-        has_regions = self.label_manager.has_regions
-        target = probabilities(self.teacher_logits(self.teacher_input(data[num_labeled:])), has_regions)
-        student = probabilities(full_resolution(seg_output)[num_labeled:].float(), has_regions)
+        target = self.teacher_probabilities(data[num_labeled:])
+        student = probabilities(full_resolution(seg_output)[num_labeled:].float(), self.label_manager.has_regions)
         return torch.mean((student - target) ** 2), {}
+
+
+class nnUNetTrainerMeanTeacherTwoView(PretrainedOutputLayers, nnUNetTrainerMeanTeacher):
+    """Mean teacher whose teacher sees another view of each unlabeled patch (see
+    :mod:`~nnunet_sassnet.trainers.consistency_views`); otherwise :class:`nnUNetTrainerMeanTeacher`.
+
+    ``-pretrained_weights`` of an nnU-Net model with the same labels loads the output layers too, so the teacher
+    (a copy of the loaded student) predicts from the first step.
+    """
+
+    #: what makes the teacher's view differ from the student's: "mirror", "intensity", "dropout", or several
+    #: joined by "+" (e.g. "mirror+intensity")
+    consistency_view: str = "mirror"
+    #: channel dropout of the "dropout" view (UA-MT's V-Net: 0.5)
+    consistency_dropout: float = 0.5
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        views = self.consistency_view.split("+")
+        if any(v not in CONSISTENCY_VIEWS for v in views) or len(set(views)) != len(views):
+            raise UserInputError(f"{self.__class__.__name__}: consistency_view must be one of {CONSISTENCY_VIEWS} or "
+                                 f"several of them joined by '+', got {self.consistency_view!r}; set it in your "
+                                 f"trainer class")
+        self.view_transforms: list = []
+
+    @property
+    def views(self) -> frozenset[str]:
+        """The views of ``consistency_view``."""
+        return frozenset(self.consistency_view.split("+"))
+
+    def initialize(self):
+        super().initialize()
+        if "dropout" in self.views:
+            add_channel_dropout(self.network, self.consistency_dropout, always=False)
+            add_channel_dropout(self.teacher, self.consistency_dropout, always=True)
+
+    def on_train_start(self):
+        super().on_train_start()
+        # nnU-Net settles its augmentation (and the mirror axes it trains and predicts with) with the data loaders
+        if "intensity" in self.views:
+            self.view_transforms = intensity_transforms(self.unlabeled_transforms())
+        if "mirror" in self.views and not self.inference_allowed_mirroring_axes:
+            raise UserInputError(f"{self.__class__.__name__}: the mirror view needs nnU-Net's mirror axes and this "
+                                 f"trainer has none; set consistency_view = 'intensity' in your trainer class")
+
+    def teacher_probabilities(self, data: torch.Tensor) -> torch.Tensor:
+        if "intensity" in self.views:
+            data = apply_per_patch(self.view_transforms, data)
+        if "mirror" not in self.views:
+            return super().teacher_probabilities(data)
+        dims = random_mirror_dims(self.inference_allowed_mirroring_axes)
+        logits = self.teacher_logits(self.teacher_input(torch.flip(data, dims)))
+        return probabilities(torch.flip(logits, dims), self.label_manager.has_regions)
