@@ -6,6 +6,10 @@ this times ``iterations`` steps exactly as nnU-Net's loop runs them (``train_ste
 and splits the wall time into waiting for batches (the GPU idles: each step ends with nnU-Net's loss copy to
 the host, so the GPU has finished when the next batch is requested) and the steps themselves.
 
+Where the GPU waits, :func:`augmentation_profile` says which part of nnU-Net's augmentation costs most: it
+makes batches with nnU-Net's own data loader in this process and times its loading and cropping and each
+transform of its pipeline (a transform applied with a probability counts as often as it was drawn).
+
 Used by ``benchmarks/train_speed.py --epoch-iterations N``; the functions take a trainer factory so that both
 trainers run in one process at the same worker count.
 """
@@ -93,3 +97,56 @@ def compare_epochs(make_trainer: Callable[[str], object], trainers: tuple[str, s
         else:
             os.environ["nnUNet_n_proc_DA"] = previous
     return records
+
+
+class TimedPart:
+    """One transform of nnU-Net's augmentation pipeline, adding up the seconds spent in it."""
+
+    def __init__(self, transform):
+        self.transform = transform
+        self.seconds = 0.0
+
+    def __call__(self, **data_dict):
+        t0 = time.perf_counter()
+        result = self.transform(**data_dict)
+        self.seconds += time.perf_counter() - t0
+        return result
+
+
+def part_name(transform) -> str:
+    """A transform's class name; for one applied with a probability, the inner transform's with that probability."""
+    inner = getattr(transform, "transform", None)
+    if inner is not None and hasattr(transform, "apply_probability"):
+        return f"{type(inner).__name__} (p {transform.apply_probability:g})"
+    return type(transform).__name__
+
+
+def augmentation_profile(data_loader, batches: int) -> dict:
+    """Seconds per batch of each part of nnU-Net's training augmentation, made in this process by its data
+    loader (``nnUNetDataLoader``, whose ``transforms`` is the composed pipeline): loading and cropping the
+    patches, then each transform, costliest first."""
+    compose = data_loader.transforms
+    original = compose.transforms
+    parts = [TimedPart(t) for t in original]
+    compose.transforms = parts
+    try:
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            data_loader.generate_train_batch()
+        total = time.perf_counter() - t0
+    finally:
+        compose.transforms = original
+    rows = [{"part": "loading and cropping (nnUNetDataLoader)", "s_per_batch": (total - sum(p.seconds for p in parts))
+             / batches}] + [{"part": part_name(p.transform), "s_per_batch": p.seconds / batches} for p in parts]
+    rows.sort(key=lambda row: -row["s_per_batch"])
+    for row in rows:
+        row["share"] = row["s_per_batch"] * batches / total
+    return {"batches": batches, "batch_size": data_loader.batch_size, "s_per_batch": total / batches,
+            "parts": rows, "costliest": rows[0]["part"]}
+
+
+def workers_to_keep_up(record: dict, batch_s: float, streams: int) -> float:
+    """Augmentation processes that would make batches as fast as the GPU steps: the seconds one process needs
+    for a step's batches (``streams``: loaders per step) over the seconds of a step without waiting."""
+    step_s = (record["wall_s"] - record["loader_wait_s"]) / record["iterations"]
+    return batch_s * streams / step_s

@@ -9,7 +9,9 @@ Targets (issue "Speed"), each printed as one line with the measured ratio and th
 5. sliding-window inference with the SASSNet network <= 1.02 x nnU-Net's network of the same plan;
 6. with ``--epoch-iterations N``: the wall time of N iterations with nnU-Net's real loaders, SASSNet (plan
    batch, labeled + unlabeled) vs nnUNetTrainer (plan batch), at each ``--epoch-workers`` value of
-   ``nnUNet_n_proc_DA`` <= 1.25 x, with the share of it the GPU waited for batches (``epoch_timing.py``);
+   ``nnUNet_n_proc_DA`` <= 1.25 x, with the share of it the GPU waited for batches (``epoch_timing.py``), and
+   what each part of nnU-Net's augmentation costs per batch in one process (which part to blame where the GPU
+   waits) and how many augmentation processes would keep up with each trainer's step;
 plus the host-device synchronisations per step of each trainer (CUDA only).
 
 For 1-5 both trainers get the same pre-fetched, augmented batches (data loading is excluded: the workers run
@@ -38,7 +40,7 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "la2018_uamt_lite_1.25mm"
 
 # the script's own folder (on sys.path when run as a script)
 from bench_common import exit_without_native_teardown, prepare_la_dataset
-from epoch_timing import compare_epochs
+from epoch_timing import augmentation_profile, compare_epochs, workers_to_keep_up
 
 
 def synchronize(device) -> None:
@@ -215,6 +217,25 @@ def time_inference(dataset_id: int, plans: str, device, runs: int, num_volumes: 
             "ratio": medians["nnUNetTrainerSASSNet"] / medians["nnUNetTrainer"]}
 
 
+def profile_augmentation(dataset_id: int, plans: str, device, batches: int) -> dict:
+    """:func:`epoch_timing.augmentation_profile` of nnUNetTrainer's training loader, built without worker
+    processes (the pipeline is the same for SASSNet's labeled and unlabeled streams)."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    previous = os.environ.get("nnUNet_n_proc_DA")
+    os.environ["nnUNet_n_proc_DA"] = "0"  # nnU-Net's SingleThreadedAugmenter: its data loader in this process
+    try:
+        trainer = get_trainer_from_args(str(dataset_id), "3d_fullres", "all", "nnUNetTrainer", plans, device=device)
+        trainer.initialize()  # the batch size and foreground oversampling the loader takes
+        augmenter, _ = trainer.get_dataloaders()
+    finally:
+        if previous is None:
+            os.environ.pop("nnUNet_n_proc_DA", None)
+        else:
+            os.environ["nnUNet_n_proc_DA"] = previous
+    return augmentation_profile(augmenter.data_loader, batches)
+
+
 def step_target_lines(results: dict, step_mark: float, device) -> list[tuple[str, float, float]]:
     """Targets 1-5 as (label, value, pass mark) from the figures of one run."""
     base, ours = results["nnUNetTrainer_batch4"], results["nnUNetTrainerSASSNet_2plus2"]
@@ -327,9 +348,17 @@ def main(argv=None) -> int:
                                               5 if not args.cpu_smoke else 1, smoke=args.cpu_smoke)
         save()
     if args.epoch_iterations:
+        # the augmentation's parts first: seconds of CPU, kept even if the epochs are cut short
+        profile = profile_augmentation(701, plans, device, 8 if not args.cpu_smoke else 1)
+        results["augmentation"] = profile
+        save()
         results["epochs"] = compare_epochs(
             lambda name: build_trainer(name, 701, plans, None, device), ("nnUNetTrainer", "nnUNetTrainerSASSNet"),
             epoch_workers, args.epoch_iterations, args.epoch_warmup, lambda: synchronize(device), stop_loaders)
+        for record in results["epochs"]:  # SASSNet's step takes a labeled and an unlabeled batch
+            for name, streams in (("nnUNetTrainer", 1), ("nnUNetTrainerSASSNet", 2)):
+                record[name]["workers_to_keep_up"] = workers_to_keep_up(record[name], profile["s_per_batch"], streams)
+        save()
 
     lines = [] if args.epochs_only else step_target_lines(results, args.step_mark, device)
     for record in results.get("epochs", []):
@@ -355,7 +384,15 @@ def main(argv=None) -> int:
             workers = "default" if record["nnUNet_n_proc_DA"] is None else record["nnUNet_n_proc_DA"]
             print(f"epoch {name} nnUNet_n_proc_DA={workers}: {r['wall_s']:.1f} s for "
                   f"{r['iterations']} iterations, {r['augmentation_processes']} augmentation processes, GPU "
-                  f"waiting for batches {100 * r['idle_fraction']:.0f} %")
+                  f"waiting for batches {100 * r['idle_fraction']:.0f} %, processes that would keep up "
+                  f"{r['workers_to_keep_up']:.1f}")
+    if "augmentation" in results:
+        profile = results["augmentation"]
+        print(f"augmentation of one batch ({profile['batch_size']} patches) in one process: "
+              f"{profile['s_per_batch'] * 1000:.0f} ms; costliest part: {profile['costliest']}")
+        for row in profile["parts"]:
+            print(f"augmentation part {row['part']}: {row['s_per_batch'] * 1000:.1f} ms per batch "
+                  f"({100 * row['share']:.0f} %)")
     for label, value, mark in lines:
         ok = value <= mark + 1e-9
         results["targets"][label] = {"value": value, "mark": mark, "pass": ok}

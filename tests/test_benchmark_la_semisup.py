@@ -34,8 +34,10 @@ SMOKE_STEPS, SMOKE_EPOCHS = 4, 2  # --cpu-smoke: 2 epochs x 2 iterations
 QUEUE = {"runs": [{"trainer": "nnUNetTrainer", "seeds": [0]},
                   {"trainer": "nnUNetTrainerSASSNet", "seeds": [0]},
                   {"trainer": "nnUNetTrainer", "kind": "self_training", "seeds": [0]},
-                  {"trainer": "nnUNetTrainerNotWrittenYet", "seeds": [0]}]}
-DONE = ("nnUNetTrainer/s0", "nnUNetTrainerSASSNet/s0", "selftrain:nnUNetTrainer/s0")
+                  {"trainer": "nnUNetTrainerNotWrittenYet", "seeds": [0]},
+                  {"trainer": "nnUNetTrainer", "seeds": [0], "num_labeled": 1}]}
+DONE = ("nnUNetTrainer/s0", "nnUNetTrainerSASSNet/s0", "selftrain:nnUNetTrainer/s0", "nnUNetTrainer@1labeled/s0")
+BUDGET = "nnUNetTrainer@1labeled/s0"  # a second label budget: the first of the 2 labeled scans
 
 needs_lite = pytest.mark.needs_la_data(LA_LITE)
 
@@ -104,7 +106,7 @@ def _finite(value) -> bool:
 @needs_lite
 def test_every_finished_run_is_in_the_ledger_with_its_record(la_semisup_smoke):
     entries = _read_ledger(la_semisup_smoke["ledger"])
-    assert [e["key"] for e in entries] == sorted(DONE, key=DONE.index)
+    assert sorted(e["key"] for e in entries) == sorted(DONE)
     evaluation = la_semisup_smoke["call"]["split"]["evaluation"]
     for entry in entries:
         assert entry["status"] == "done", (entry["key"], entry.get("error"))
@@ -124,7 +126,13 @@ def test_every_finished_run_is_in_the_ledger_with_its_record(la_semisup_smoke):
     from nnunet_sassnet.trainers import nnUNetTrainerSASSNet
     sassnet = by_key["nnUNetTrainerSASSNet/s0"]
     assert sassnet["trainer_settings"]["adversarial_weight_max"] == nnUNetTrainerSASSNet.adversarial_weight_max
-    assert [by_key[k]["unlabeled"] for k in DONE] == [0, 2, 2] and sassnet["semi_supervised"]
+    assert [by_key[k]["unlabeled"] for k in DONE] == [0, 2, 2, 0] and sassnet["semi_supervised"]
+    # the second budget: its own dataset and protocol (the first labeled scan, the same evaluation scans)
+    budget, split = by_key[BUDGET], la_semisup_smoke["call"]["split"]
+    assert budget["labeled"] == 1 and budget["protocol"]["num_labeled"] == 1
+    assert budget["protocol_id"] != by_key["nnUNetTrainer/s0"]["protocol_id"]
+    assert la_semisup_smoke["call"]["budgets"]["semi1"]["labeled"] == split["labeled"][:1]
+    assert "Dataset912_LAsemi1" in budget["model"]
     # each training's per-epoch log: the unlabeled term's figures for SASSNet, nnU-Net's losses for every run
     for key in DONE:
         assert len(by_key[key]["training_log"]["train_losses"]) == SMOKE_EPOCHS, key
@@ -148,7 +156,7 @@ def test_trainings_follow_the_protocol_and_stages_are_timed(la_semisup_smoke):
         assert Path(entry["model"]).is_relative_to(la_semisup_smoke["workdir"])
     stages = {s["stage"]: s for s in la_semisup_smoke["call"]["stages"]}
     for key, entry in entries.items():
-        slug = key.replace(":", "-").replace("/", "-")
+        slug = re.sub(r"[^A-Za-z0-9_.-]", "-", key)  # RunSpec.slug
         # self-training's scored model is its second training's
         steps = ("train2" if entry["kind"] == "self_training" else "train", "predict", "evaluate")
         train, predict, evaluate = (stages[f"{step}_{slug}"] for step in steps)
@@ -168,9 +176,14 @@ def test_self_training_trains_twice_on_labeled_then_pseudo_labeled_scans(la_semi
     assert set(entry["seconds"]) >= {"train_labeled", "pseudo_label", "plan_pseudo_labeled", "train"}
     assert entry["seconds"]["train_labeled"] > 1 and entry["seconds"]["train"] > 1
     run_folder = Path(entry["model"]).parents[3]
-    pseudo = sorted(p.name for p in (run_folder / "pseudo_labels").glob("*.nii.gz"))
+    # through nnunet_sassnet_selftrain: its round's record in the student's dataset, every step done
+    student = run_folder / "nnUNet_raw" / "Dataset903_LAselftrain"
+    record = json.loads((student / "selftraining.json").read_text())
+    assert [s for s, r in record["steps"].items() if r["status"] == "done"] == ["teacher", "pseudo_labels", "dataset",
+                                                                                 "student"]
+    pseudo = sorted(p.name for p in (student / "pseudo_labels").glob("*.nii.gz"))
     assert pseudo == sorted(f"{c}.nii.gz" for c in call["split"]["unlabeled"])
-    labels = sorted(p.name for p in (run_folder / "nnUNet_raw" / "Dataset903_LAselftrain" / "labelsTr").iterdir())
+    labels = sorted(p.name for p in (student / "labelsTr").iterdir())
     assert labels == sorted(f"{c}.nii.gz" for c in call["split"]["labeled"] + call["split"]["unlabeled"])
     # its cost is shown as two trainings
     assert "(2 trainings)" in la_semisup_smoke["doc"].read_text()
@@ -183,8 +196,13 @@ def test_results_document_is_regenerated_from_the_ledger(la_semisup_smoke):
     text = la_semisup_smoke["doc"].read_text()
     assert text.startswith("# Results\n") and text.endswith("Text after the tables.\n")
     base = next(e for e in entries if e["key"] == "nnUNetTrainer/s0")
+    # the second budget is a protocol of its own, with its own section, where its nnUNetTrainer is the baseline
+    budget = next(e for e in entries if e["key"] == BUDGET)
+    section = text.split(f"### Protocol {budget['protocol_id']}: ", 1)[1].split("### ", 1)[0]
+    assert section.startswith(f"{SMOKE_STEPS} steps, 1 labeled + 2 unlabeled, 2 evaluation scans")
+    assert "| nnUNetTrainer | 0 | 1 | 0 | done |" in section and "(baseline)" in section
     for entry in entries:
-        if entry is base:
+        if entry is base or entry is budget:
             continue
         pair = tables.paired(entry, base)
         expected = {c: 100 * (entry["cases"][c]["dice"] - base["cases"][c]["dice"]) for c in base["cases"]}
@@ -262,12 +280,12 @@ def test_imported_seed0_baseline_is_reused_by_the_queue(tmp_path):
     """The ledger's nnUNetTrainer seed 0 (2026-11-26, before the ledger) has the identity of queue_la8's run."""
     queue_file = REPO / "benchmarks" / "queue_la8.json"
     argv = ["--queue", str(queue_file), "--data", str(LA_LITE), "--workdir", str(tmp_path / "w")]
-    protocol, runs = load_queue(queue_file)
-    s = resolve_settings(build_parser().parse_args(argv), argv, protocol, runs)
+    protocol, runs, rules = load_queue(queue_file)
+    s = resolve_settings(build_parser().parse_args(argv), argv, protocol, runs, rules)
     proto = ledger.protocol(s, make_split(s), "2.8.1")
     recorded = ledger.read_ledger(REPO / "docs" / "semisup_ledger.jsonl")
-    baseline = ledger.new_entry(runs[0], proto, make_split(s), {}, {})
-    assert runs[0].key == "nnUNetTrainer/s0"
+    (base_run,) = [r for r in runs if r.key == "nnUNetTrainer/s0"]
+    baseline = ledger.new_entry(base_run, proto, make_split(s), {}, {})
     assert ledger.identity(baseline) in ledger.done_identities(recorded)
     # the SASSNet of those runs had other defaults: today's nnUNetTrainerSASSNet is not taken for it
     old = next(e for e in recorded if e["trainer"] == "nnUNetTrainerSASSNet")
@@ -291,19 +309,144 @@ def test_recorded_trainer_settings_include_those_of_mixins():
     assert both["dtc_weight_max"] == 1.0 and both["adversarial_weight_max"] == 0.015
 
 
+def test_an_attribute_added_at_its_old_behaviour_keeps_the_recorded_identity():
+    """SASSNet's discriminator_downsampled came after runs were recorded; False is the D they all had, so today's
+    class keeps their settings id (they are not trained again), while the half-resolution variant gets its own."""
+    from benchmarks.la_semisup.trainer_lookup import class_settings, settings_id
+    from nnunet_sassnet.trainers import nnUNetTrainerSASSNet
+    from nnunet_sassnet.variants import nnUNetTrainerSASSNetHalfResD
+
+    today = class_settings(nnUNetTrainerSASSNet)
+    assert today["discriminator_downsampled"] is False
+    before = {k: v for k, v in today.items() if k != "discriminator_downsampled"}
+    assert settings_id(today) == settings_id(before)
+    assert settings_id(class_settings(nnUNetTrainerSASSNetHalfResD)) != settings_id(before)
+
+
 @pytest.mark.parametrize("content, message", [
     ({"runs": []}, "at least one run"),
     ({"protocol": {"stepz": 3}, "runs": [{"trainer": "nnUNetTrainer"}]}, "protocol key stepz unknown"),
     ({"runs": [{"trainer": "nnUNetTrainer", "seeds": [0, 0]}]}, "twice"),
     ({"runs": [{"trainer": "nnUNetTrainer", "kind": "distill"}]}, "kind must be one of"),
     ({"runs": [{"trainer": "nnU-Net"}]}, "not a trainer class name"),
-], ids=["empty", "unknown-protocol-key", "twice", "unknown-kind", "bad-name"])
+    ({"runs": [{"trainer": "nnUNetTrainer", "num_labeled": 0}]}, "num_labeled 0; expected a whole number"),
+    ({"runs": [{"trainer": "nnUNetTrainer", "num_labeled": "4"}]}, "num_labeled '4'"),
+    ({"runs": [{"trainer": "nnUNetTrainer", "data": "all", "num_labeled": 4}]}, "not to data all"),
+    ({"runs": [{"trainer": "nnUNetTrainer"}, {"seed_of_positive": "2"}]}, "seed_of_positive"),
+    ({"runs": [{"trainer": "nnUNetTrainer"}, {"seed_of_positive": 2, "trainer": "x"}]}, "seed_of_positive"),
+    ({"runs": [{"trainer": "nnUNetTrainer", "seeds": [0]}, {"trainer": "nnUNetTrainer", "seeds": [0],
+                                                            "num_labeled": 8, "note": "8 is the protocol's"}],
+      "protocol": {"num_labeled": 8}}, None),
+], ids=["empty", "unknown-protocol-key", "twice", "unknown-kind", "bad-name", "no-labels", "budget-text",
+        "budget-on-all", "rule-seed-text", "rule-with-trainer", "protocol-budget-twice"])
 def test_bad_queue_files_are_refused_with_the_file_named(tmp_path, content, message):
     path = tmp_path / "queue.json"
     path.write_text(json.dumps(content))
+    if message is None:  # the protocol's own budget named again is the same run: refused once the protocol is known
+        protocol, runs, rules = load_queue(path)
+        argv = ["--cpu-smoke", "--queue", str(path), "--workdir", str(tmp_path / "w")]
+        with pytest.raises(UserInputError, match="twice"):
+            resolve_settings(build_parser().parse_args(argv), argv, protocol, runs, rules)
+        return
     with pytest.raises(UserInputError, match=message) as raised:
         load_queue(path)
     assert str(path) in str(raised.value)
+
+
+def _queue_settings(tmp_path, content: dict, *extra: str):
+    """The resolved settings of a queue file (a split file of made-up case IDs: no scans needed)."""
+    path, split = tmp_path / "queue.json", tmp_path / "split.json"
+    path.write_text(json.dumps(content))
+    split.write_text(json.dumps({"labeled": ["l1", "l2", "l3", "l4"], "unlabeled": ["u1", "u2"],
+                                 "test": ["t1", "t2", "t3"]}))
+    argv = ["--cpu-smoke", "--queue", str(path), "--split", str(split), "--data", str(tmp_path / "no_scans"),
+            "--workdir", str(tmp_path / "w"), *extra]
+    protocol, runs, rules = load_queue(path)
+    return resolve_settings(build_parser().parse_args(argv), argv, protocol, runs, rules)
+
+
+QUEUE_WITH_BUDGETS = {"protocol": {"num_labeled": 4}, "runs": [
+    {"trainer": "nnUNetTrainer", "seeds": [0, 2]},
+    {"seed_of_positive": 2, "note": "filled in from the ledger"},
+    {"trainer": "nnUNetTrainer", "kind": "self_training", "seeds": [0]},
+    {"trainer": "nnUNetTrainer", "seeds": [0], "num_labeled": 2},
+    {"trainer": "nnUNetTrainer", "seeds": [1], "num_labeled": 4},
+    {"seed_of_positive": 2, "num_labeled": 2}]}
+
+
+def test_queue_items_name_a_smaller_label_budget_and_seed_rules(tmp_path):
+    s = _queue_settings(tmp_path, QUEUE_WITH_BUDGETS)
+    assert [r.key for r in s.runs] == ["nnUNetTrainer/s0", "nnUNetTrainer/s2", "selftrain:nnUNetTrainer/s0",
+                                       "nnUNetTrainer@2labeled/s0", "nnUNetTrainer/s1"]
+    assert [(r.num_labeled, r.dataset) for r in s.runs][3:] == [(2, "semi2"), (None, "semi")]
+    assert s.budget_dataset_id(2) == 913 and s.budget_dataset_id(4) == 915
+    assert [(r.seed, r.num_labeled, r.position) for r in s.seed_rules] == [(2, None, 2), (2, 2, 5)]
+    # --kind keeps the runs of one kind, the rules at their place among them
+    s = _queue_settings(tmp_path, QUEUE_WITH_BUDGETS, "--kind", "train")
+    assert [r.key for r in s.runs] == ["nnUNetTrainer/s0", "nnUNetTrainer/s2", "nnUNetTrainer@2labeled/s0",
+                                       "nnUNetTrainer/s1"]
+    assert [r.position for r in s.seed_rules] == [2, 4]
+    # a budget larger than the protocol's is refused
+    with pytest.raises(UserInputError, match="num_labeled 6 is more than the protocol's 4"):
+        _queue_settings(tmp_path, {"protocol": {"num_labeled": 4},
+                                   "runs": [{"trainer": "nnUNetTrainer", "num_labeled": 6}]})
+
+
+def test_a_label_budget_keeps_the_unlabeled_and_evaluation_scans_and_is_a_protocol_of_its_own(tmp_path):
+    from benchmarks.la_semisup.split import budget_split
+    s = _queue_settings(tmp_path, QUEUE_WITH_BUDGETS)
+    split = make_split(s)
+    two = budget_split(split, 2)
+    assert (two.labeled, two.unlabeled, two.test) == (["l1", "l2"], split.unlabeled, split.test)
+    protocols = [ledger.protocol(s, sp, "2.8.1") for sp in (split, two)]
+    assert [p["num_labeled"] for p in protocols] == [4, 2]
+    assert ledger.protocol_id(protocols[0]) != ledger.protocol_id(protocols[1])
+    budget_run = s.runs[3]
+    record = ledger.new_entry(budget_run, protocols[1], two, {}, {})
+    assert (record["labeled"], record["unlabeled"], record["key"]) == (2, 0, "nnUNetTrainer@2labeled/s0")
+
+
+def _ledger_run(run, proto, split, points: list[float], settings: str | None = None) -> dict:
+    """A done ledger entry of ``run`` whose Dice on evaluation scan i is 0.8 + points[i] / 100."""
+    from benchmarks.la_semisup.trainer_lookup import settings_id
+    record = ledger.new_entry(run, proto, split, {"id": f"call {run.key}"}, {})
+    record.update(status="done", cases={c: {"dice": 0.8 + p / 100} for c, p in zip(split.test, points)})
+    if settings is not None:
+        record["settings_id"] = settings
+    else:
+        record["settings_id"] = settings_id(run.settings)
+    return record
+
+
+def test_seed_rule_adds_seed_2_of_each_setting_positive_on_seeds_0_and_1(tmp_path):
+    """SASSNet positive on both seeds gets seed 2, at the rule's place; SDM (one seed negative), a setting whose
+    trainer's settings changed since, and one of another label budget do not."""
+    from benchmarks.la_semisup.__main__ import _budget_splits, _fill_seed_rules
+    from benchmarks.la_semisup.settings import RunSpec
+    from benchmarks.la_semisup.trainer_lookup import BENCH_TRAINER_DIR, resolve_trainers
+
+    s = _queue_settings(tmp_path, QUEUE_WITH_BUDGETS, "--kind", "train")
+    sup = Supervisor(s, [str(BENCH_TRAINER_DIR)])
+    splits = _budget_splits(s, make_split(s))
+    protos = {key: ledger.protocol(s, sp, "2.8.1") for key, sp in splits.items()}
+    runs = {name: RunSpec(trainer=name, seed=0) for name in ("nnUNetTrainer", "nnUNetTrainerSASSNet",
+                                                             "nnUNetTrainerSDM", "nnUNetTrainerSASSNetPaper")}
+    from nnunet_sassnet.discovery import trainer_dir
+    resolve_trainers(runs.values(), [str(BENCH_TRAINER_DIR), trainer_dir()], tmp_path / "lookup.log")
+    recorded = []
+    for seed in (0, 1):
+        for name, points, settings in (("nnUNetTrainer", [0, 0, 0], None), ("nnUNetTrainerSASSNet", [1, 2, -1], None),
+                                       ("nnUNetTrainerSDM", [1, 1, 1] if seed == 0 else [-1, 0, 0], None),
+                                       ("nnUNetTrainerSASSNetPaper", [3, 3, 3], "defaults-since-changed")):
+            run = RunSpec(**{**runs[name].__dict__, "seed": seed})
+            recorded.append(_ledger_run(run, protos["semi"], splits["semi"], points, settings))
+        # the budget of 2: only its baseline; nothing of it is positive
+        base2 = RunSpec(trainer="nnUNetTrainer", seed=seed, num_labeled=2)
+        recorded.append(_ledger_run(base2, protos["semi2"], splits["semi2"], [0, 0, 0]))
+    _fill_seed_rules(s, sup, recorded, protos)
+    assert [r.key for r in s.runs] == ["nnUNetTrainer/s0", "nnUNetTrainer/s2", "nnUNetTrainerSASSNet/s2",
+                                       "nnUNetTrainer@2labeled/s0", "nnUNetTrainer/s1"]
+    assert s.runs[2].semi_supervised and s.runs[2].settings == runs["nnUNetTrainerSASSNet"].settings
 
 
 def test_refuses_bad_command_lines_with_one_line(tmp_path):

@@ -75,12 +75,25 @@ def test_speed_benchmark_measures_every_target_in_one_run(speed_smoke):
     assert epochs["wall_ratio"] == pytest.approx(ours["wall_s"] / stock["wall_s"])
     for line in ("target 1 ", "target 6 wall time of 2 iterations with loaders, nnUNet_n_proc_DA=1"):
         assert line in result.stdout
+    # where the GPU waits: every part of nnU-Net's augmentation pipeline timed, costliest first, and the
+    # processes that would keep up with each step (SASSNet's step takes two batches: twice nnUNetTrainer's need)
+    profile = figures["augmentation"]
+    parts = [row["part"] for row in profile["parts"]]
+    assert parts[0] == profile["costliest"] and "SpatialTransform" in parts and "MirrorTransform" in parts
+    assert parts.count("loading and cropping (nnUNetDataLoader)") == 1 and "GaussianNoiseTransform (p 0.1)" in parts
+    assert sum(row["share"] for row in profile["parts"]) == pytest.approx(1.0)
+    assert [row["s_per_batch"] for row in profile["parts"]] == sorted((r["s_per_batch"] for r in profile["parts"]),
+                                                                     reverse=True)
+    for run, streams in ((stock, 1), (ours, 2)):
+        step = (run["wall_s"] - run["loader_wait_s"]) / run["iterations"]
+        assert run["workers_to_keep_up"] == pytest.approx(profile["s_per_batch"] * streams / step)
+    assert f"costliest part: {profile['costliest']}" in result.stdout
 
     # a call cut short after targets 1-5 is completed by target 6 alone, on the dataset the first call made
     result = calls["second"]
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     figures = json.loads(calls["again"].read_text())
     assert [label.split()[0] for label in figures["targets"]] == ["6"] and figures["complete"] is True
-    assert "nnUNetTrainer_batch4" not in figures and len(figures["epochs"]) == 1
+    assert "nnUNetTrainer_batch4" not in figures and len(figures["epochs"]) == 1 and figures["augmentation"]["parts"]
     # the prepared dataset was reused, not planned again
     assert calls["plan_log"].stat().st_mtime_ns == calls["planned"]

@@ -2,9 +2,10 @@
 
 From UA-MT's LA scans at 1.25 mm (``../shared/data/la2018_uamt_lite_1.25mm``) the benchmark
 
-1. converts two nnU-Net datasets with the project's converter: the semi-supervised one (by default the first
-   8 scans of train.list labeled, the next 52 unlabeled, the last 20 as evaluation scans) and, where a run
-   needs it, the all-labeled one (the 60 non-evaluation scans labeled: the ceiling);
+1. converts nnU-Net datasets with the project's converter: the semi-supervised one (by default the first
+   8 scans of train.list labeled, the next 52 unlabeled, the last 20 as evaluation scans), one more for each
+   smaller label budget a queue names (the first N of those labeled, the same unlabeled and evaluation scans)
+   and, where a run needs it, the all-labeled one (the 60 non-evaluation scans labeled: the ceiling);
 2. plans and preprocesses them (3d_fullres, nnU-Net's own plans; ``--cpu-smoke``: small derived plans) and
    preprocesses the unlabeled scans (:mod:`.preparation`);
 3. trains every run with the same number of steps and its seed, several at once as separate processes on one
@@ -14,7 +15,9 @@ From UA-MT's LA scans at 1.25 mm (``../shared/data/la2018_uamt_lite_1.25mm``) th
    call's results and, with ``--ledger``, into the ledger that accumulates run after run (:mod:`.ledger`);
    the tables (this call's and, with ``--results-doc``, those of docs/semisup_results.md) are regenerated from
    the records, with the paired per-scan Dice difference of each run against ``nnUNetTrainer`` of its seed
-   (:mod:`.tables`).
+   (:mod:`.tables`), pooled over the seeds with a bootstrap interval and the verdict of the rule fixed in
+   docs/semisup_results.md (:mod:`.evidence`); ``--tables`` also makes the README's "Which trainer to use"
+   table (:mod:`.which_trainer`).
 
 A queue file (:mod:`.queue`, e.g. ``benchmarks/queue_la8.json``) fixes the protocol and the runs in order;
 runs already done in the ledger (same protocol, trainer settings and seed) are not trained again, which is

@@ -1,5 +1,5 @@
-"""Preparing the data: both nnU-Net datasets converted, planned and preprocessed, and the unlabeled scans
-preprocessed, at the top of the work folder (a later call with the same split and plans reuses them, also
+"""Preparing the data: the nnU-Net datasets (semi-supervised, one per label budget, and all-labeled) converted,
+planned and preprocessed, and the unlabeled scans preprocessed, at the top of the work folder (a later call with the same split and plans reuses them, also
 on another machine: ``--prepare-only`` here, then the folder carried to the GPU machine)."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from nnunet_sassnet import nnunet_tools as tools
 from nnunet_sassnet.errors import UserInputError
 
 from benchmarks.la_semisup.settings import (CAP_PLAN, CONFIGURATION, SMALL_PLANS, SMOKE_FEATURES, SMOKE_PATCH,
-                                            Settings)
+                                            Settings, unlabeled_key)
 from benchmarks.la_semisup.split import Split
 from benchmarks.la_semisup.supervisor import Supervisor
 
@@ -30,8 +30,11 @@ def _preparation_stamp(s: Settings, key: str, dataset_id: int, name: str, conten
             "small_plans": {"patch": list(SMOKE_PATCH), "features": list(SMOKE_FEATURES)} if s.cpu_smoke else None}
 
 
-def convert_datasets(b: Supervisor, split: Split) -> dict[str, dict[str, Any]]:
-    """Both nnU-Net raw datasets, with the project's converter (in this process; it takes seconds).
+def convert_datasets(b: Supervisor, splits: dict[str, Split]) -> dict[str, dict[str, Any]]:
+    """The nnU-Net raw datasets the runs need, with the project's converter (in this process; it takes seconds).
+
+    ``splits``: the split of each semi-supervised dataset ('semi': the protocol's, 'semi<N>': a smaller label
+    budget); the all-labeled dataset labels the protocol's labeled and unlabeled scans.
 
     A dataset that an earlier benchmark in this work folder prepared from the same data, split and plans is
     reused as it is (conversion, planning and preprocessing do not depend on the seed); any other dataset with
@@ -42,11 +45,15 @@ def convert_datasets(b: Supervisor, split: Split) -> dict[str, dict[str, Any]]:
     s = b.s
     start = time.monotonic()
     datasets: dict[str, dict[str, Any]] = {}
-    specs = (("semi", s.dataset_ids[0], "LAsemi", {"labeled": split.labeled, "unlabeled": split.unlabeled,
-                                                   "test": split.test}),
-             # the all-labeled model predicts the semi-supervised dataset's evaluation scans: no copy of them
-             ("all", s.dataset_ids[1], "LAall", {"labeled": split.all_labeled, "unlabeled": [], "test": []}))
-    needed = {r.data for r in b.runs} | {"semi"}
+    split = splits["semi"]
+    budgets = sorted((int(key[len("semi"):]) for key in splits if key != "semi"), reverse=True)
+    specs = [("semi", s.dataset_ids[0], "LAsemi", split),
+             *((f"semi{n}", s.budget_dataset_id(n), f"LAsemi{n}", splits[f"semi{n}"]) for n in budgets)]
+    specs = [(key, dataset_id, name, {"labeled": sp.labeled, "unlabeled": sp.unlabeled, "test": sp.test})
+             for key, dataset_id, name, sp in specs]
+    # the all-labeled model predicts the semi-supervised dataset's evaluation scans: no copy of them
+    specs.append(("all", s.dataset_ids[1], "LAall", {"labeled": split.all_labeled, "unlabeled": [], "test": []}))
+    needed = {r.dataset for r in b.runs} | {"semi"}
     with open(b.logs / "convert.log", "w") as log:
         for key, dataset_id, name, content in specs:
             if key not in needed:
@@ -136,27 +143,28 @@ def preprocess_unlabeled_step(b: Supervisor, dataset: dict[str, Any]) -> bool:
 def prepare_in_background(b: Supervisor, datasets: dict[str, dict[str, Any]]) -> list[threading.Thread]:
     """Plan each dataset (and preprocess the unlabeled scans) in threads; each sets its readiness event, so
     that every run starts as soon as its own data is there."""
-    needs_unlabeled = any((r.semi_supervised or r.kind == "self_training") and r.data == "semi" for r in b.runs)
 
     def prepare(key: str) -> None:
         dataset = datasets[key]
+        semi = key.startswith("semi")
+        needs_unlabeled = any(r.learns_unlabeled and r.dataset == key for r in b.runs)
         try:
             ok = plan_dataset(b, dataset)
             b.state[key] = (ok, dataset.get("error", ""))
             b.events[key].set()  # runs without unlabeled data start now
-            if key == "semi":
+            if semi:
                 ok = ok and (preprocess_unlabeled_step(b, dataset) if needs_unlabeled else True)
-                b.state["unlabeled"] = (ok, dataset.get("error", ""))
+                b.state[unlabeled_key(key)] = (ok, dataset.get("error", ""))
         except Exception as e:  # noqa: BLE001 -- one dataset's failure must not stop the other's runs
             dataset["error"] = f"{type(e).__name__}: {e}"
             b.state.setdefault(key, (False, dataset["error"]))
-            if key == "semi":
-                b.state["unlabeled"] = (False, dataset["error"])
+            if semi:
+                b.state[unlabeled_key(key)] = (False, dataset["error"])
             b.say(f"preparing {dataset['name']} failed: {dataset['error']}")
         finally:
             b.events[key].set()
-            if key == "semi":
-                b.events["unlabeled"].set()
+            if semi:
+                b.events[unlabeled_key(key)].set()
             b.write()
 
     threads = [threading.Thread(target=prepare, args=(k,), name=f"prepare-{k}", daemon=True) for k in datasets]

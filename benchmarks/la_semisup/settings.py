@@ -55,7 +55,9 @@ class RunSpec:
     """One run of the benchmark: a trainer, a dataset ('semi' or 'all'), a seed, and how it is trained.
 
     ``kind`` "self_training": the trainer on the labeled scans, its predictions of the unlabeled scans as
-    labels, the trainer again on both (two trainings), scored like every other run.
+    labels, the trainer again on both (two trainings), scored like every other run. ``num_labeled``: a smaller
+    label budget than the protocol's (the first N of its labeled scans, the same unlabeled and evaluation scans:
+    a semi-supervised dataset of its own); None: the protocol's.
     """
 
     trainer: str
@@ -63,6 +65,7 @@ class RunSpec:
     data: str = "semi"
     kind: str = "train"
     compile: bool = False
+    num_labeled: int | None = None
     semi_supervised: bool = False  # reads the unlabeled scans (a subclass of nnUNetTrainerSASSNet)
     settings: dict[str, Any] = field(default_factory=dict)  # the trainer class's settings (class attributes)
     base_import: tuple[str, str, str] = ("", "", "")  # (module, class name, file) of the trainer class
@@ -70,8 +73,24 @@ class RunSpec:
     @property
     def key(self) -> str:
         prefix = "selftrain:" if self.kind == "self_training" else ""
+        budget = f"@{self.num_labeled}labeled" if self.num_labeled is not None else ""
         return (f"{prefix}{self.trainer}{':all' if self.data == 'all' else ''}{'+compile' if self.compile else ''}"
-                f"/s{self.seed}")
+                f"{budget}/s{self.seed}")
+
+    @property
+    def learns_unlabeled(self) -> bool:
+        """Whether the run reads the unlabeled scans (a semi-supervised trainer, or self-training)."""
+        return self.semi_supervised or self.kind == "self_training"
+
+    @property
+    def semi_dataset(self) -> str:
+        """The key of the semi-supervised dataset of the run's label budget (its evaluation scans live there)."""
+        return semi_dataset_key(self.num_labeled)
+
+    @property
+    def dataset(self) -> str:
+        """The key of the dataset the run trains on: its budget's semi-supervised one, or 'all'."""
+        return "all" if self.data == "all" else self.semi_dataset
 
     @property
     def slug(self) -> str:
@@ -92,6 +111,21 @@ class RunSpec:
         if self.compile:
             title += " (torch.compile)"
         return title
+
+
+def semi_dataset_key(num_labeled: int | None) -> str:
+    """'semi' for the protocol's label budget, 'semi<N>' for a budget of N labeled scans."""
+    return "semi" if num_labeled is None else f"semi{num_labeled}"
+
+
+def budget_dataset_id(semi_id: int, num_labeled: int) -> int:
+    """nnU-Net dataset ID of a smaller label budget's semi-supervised dataset: SEMI + 10 + N (915 for 4)."""
+    return semi_id + 10 + num_labeled
+
+
+def unlabeled_key(dataset_key: str) -> str:
+    """The readiness key of a semi-supervised dataset's preprocessed unlabeled scans."""
+    return "unlabeled" + dataset_key[len("semi"):]
 
 
 def parse_run(text: str, seed: int) -> RunSpec:
@@ -143,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--queue", default=None,
                    help="queue file (JSON: protocol and runs in order, e.g. benchmarks/queue_la8.json) instead of "
                         "--trainers/--seeds; runs already done in --ledger are not trained again")
+    g.add_argument("--kind", choices=KINDS, default=None,
+                   help="with --queue: only its runs of this kind; the others stay queued for another call (a "
+                        "self-training call wants fewer trainings at once and more workers each) [all kinds]")
     g.add_argument("--ledger", default=None,
                    help="JSON-lines ledger: every finished run is appended the moment it ends, and its done runs "
                         "(same protocol) are not trained again [none; docs/semisup_ledger.jsonl with --queue]")
@@ -230,10 +267,15 @@ class Settings:
     results_doc: Path | None = None
     commit: str | None = None
     argv: list[str] = field(default_factory=list)
+    seed_rules: list[Any] = field(default_factory=list)  # the queue's {"seed_of_positive": N} items (queue.SeedRule)
+    only_kind: str | None = None  # --kind: the queue's runs of this kind only
 
     @property
     def epochs(self) -> int:
         return self.steps // self.iterations_per_epoch
+
+    def budget_dataset_id(self, num_labeled: int) -> int:
+        return budget_dataset_id(self.dataset_ids[0], num_labeled)
 
     @property
     def plans(self) -> str:
@@ -241,7 +283,7 @@ class Settings:
 
 
 def resolve_settings(args: argparse.Namespace, argv: list[str], protocol: dict[str, Any] | None = None,
-                     queue_runs: list[RunSpec] | None = None) -> Settings:
+                     queue_runs: list[RunSpec] | None = None, seed_rules: list[Any] | None = None) -> Settings:
     """Fill the defaults (profile, then the queue's protocol, then the command line) and check them."""
     profile = dict(PROFILES["cpu_smoke" if args.cpu_smoke else "gpu"])
     profile.update(protocol or {})
@@ -264,8 +306,17 @@ def resolve_settings(args: argparse.Namespace, argv: list[str], protocol: dict[s
     semi_id, all_id = args.dataset_ids
     if semi_id == all_id or not all(1 <= i <= 999 for i in (semi_id, all_id)):
         raise UserInputError(f"--dataset-ids {semi_id} {all_id}: two different IDs from 1 to 999")
+    seed_rules = seed_rules or []
     if queue_runs is not None:
-        runs = queue_runs
+        kept = [args.kind is None or r.kind == args.kind for r in queue_runs]
+        runs = [r for r, keep in zip(queue_runs, kept) if keep]
+        if not runs and not seed_rules:
+            raise UserInputError(f"--kind {args.kind}: the queue has no run of this kind")
+        for rule in seed_rules:  # a rule's place among the runs that are kept
+            rule.position = sum(kept[:rule.position])
+            if rule.num_labeled == value["num_labeled"]:
+                rule.num_labeled = None
+        _check_budgets(runs, value["num_labeled"], (semi_id, all_id))
     else:
         runs = [parse_run(t, seed) for seed in args.seeds for t in (args.trainers or DEFAULT_RUNS)]
         for run in runs:
@@ -305,7 +356,23 @@ def resolve_settings(args: argparse.Namespace, argv: list[str], protocol: dict[s
         step_size=value["step_size"], plan_processes=plan_processes, cpu_smoke=args.cpu_smoke, workdir=workdir,
         run_dir=run_dir, output=output, time_limit=args.time_limit, min_start=value["min_start_s"],
         prepare_only=args.prepare_only, queue_file=Path(args.queue).resolve() if args.queue else None,
-        commit=args.commit, argv=argv, **optional)
+        commit=args.commit, argv=argv, seed_rules=list(seed_rules), only_kind=args.kind, **optional)
+
+
+def _check_budgets(runs: list[RunSpec], protocol_labeled: int, dataset_ids: tuple[int, int]) -> None:
+    """Runs with a smaller label budget: the protocol's own budget stated again means the protocol's dataset."""
+    for run in runs:
+        if run.num_labeled == protocol_labeled:
+            run.num_labeled = None
+        if run.num_labeled is None:
+            continue
+        if run.num_labeled > protocol_labeled:
+            raise UserInputError(f"run {run.key}: num_labeled {run.num_labeled} is more than the protocol's "
+                                 f"{protocol_labeled} labeled scans; a budget takes the first N of them")
+        budget_id = budget_dataset_id(dataset_ids[0], run.num_labeled)
+        if budget_id > 999 or budget_id in dataset_ids:
+            raise UserInputError(f"run {run.key}: its dataset ID would be {budget_id} (SEMI + 10 + "
+                                 f"{run.num_labeled}); choose other --dataset-ids")
 
 
 def _work_folder(requested: str | None) -> Path:

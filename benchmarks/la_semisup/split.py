@@ -31,6 +31,13 @@ class Split:
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def budget_split(split: Split, num_labeled: int) -> Split:
+    """A smaller label budget: the first ``num_labeled`` of the split's labeled scans, the same unlabeled and
+    evaluation scans (the scans in between are left out, so that only the number of labels changes)."""
+    return Split(split.labeled[:num_labeled], split.unlabeled, split.test,
+                 f"{split.source}; first {num_labeled} of its labeled scans")
+
+
 def _case_ids(data: Path) -> list[str]:
     """IDs of the case folders (``<ID>/mri_norm2.h5``) anywhere under ``data``."""
     return sorted({p.parent.name for p in data.rglob("mri_norm2.h5")})
@@ -89,10 +96,10 @@ def make_split(s: Settings) -> Split:
     if absent:
         raise UserInputError(f"the split names {', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''}, not "
                              f"under {s.data}")
-    semi = [r.key for r in s.runs if r.semi_supervised or r.kind == "self_training"]
+    semi = [r.key for r in s.runs if r.learns_unlabeled]
     if semi and not split.unlabeled:
         raise UserInputError(f"run {semi[0]}: it learns from unlabeled scans, but the split has none")
-    on_all = [r.key for r in s.runs if (r.semi_supervised or r.kind == "self_training") and r.data == "all"]
+    on_all = [r.key for r in s.runs if r.learns_unlabeled and r.data == "all"]
     if on_all:
         raise UserInputError(f"run {on_all[0]}: it learns from unlabeled scans, but the all-labeled dataset has "
                              f"none; run it on the semi-supervised one (without ':all')")

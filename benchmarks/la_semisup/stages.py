@@ -1,23 +1,20 @@
 """One run's stages: wait for its data and its turn, train, predict the evaluation scans, score them.
 
-A self-training run (nnU-Net's answer to unlabeled data: a model's own predictions as labels) trains the
-trainer on the labeled scans, predicts the unlabeled ones, makes a dataset of both, plans and preprocesses it
-as a user would, trains the trainer again on it with the same steps and scores that second model.
+A self-training run (nnU-Net's answer to unlabeled data: a model's own predictions as labels) is one call of
+``nnunet_sassnet_selftrain``: the trainer on the labeled scans, its predictions of the unlabeled ones, a dataset
+of both with the teacher's plans, the trainer again on it with the same steps; the benchmark scores that second
+model.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from nnunet_sassnet import nnunet_tools as tools
 
-from benchmarks.la_semisup.settings import (CAP_PLAN, CAP_PREDICT, CAP_TRAIN, CONFIGURATION, SMALL_PLANS,
-                                            SMOKE_FEATURES, SMOKE_PATCH, RunSpec)
+from benchmarks.la_semisup.settings import CAP_PLAN, CAP_PREDICT, CAP_TRAIN, CONFIGURATION, RunSpec, unlabeled_key
 from benchmarks.la_semisup.supervisor import StepResult, Supervisor
 
 REPORTED_METRICS = ("dice", "jaccard", "hd95_voxel", "asd_voxel", "hd95_mm", "asd_mm")
@@ -28,7 +25,7 @@ STATUS_NOT_STARTED = "not started"  # too little time left: the run stays in the
 def run_in_turn(b: Supervisor, run: RunSpec, ticket: int, datasets: dict[str, dict[str, Any]]) -> None:
     """A run's thread: wait for its data and its turn; then train, predict, score. Errors fail this run only."""
     try:
-        needs = [run.data] + (["unlabeled"] if run.semi_supervised or run.kind == "self_training" else [])
+        needs = [run.dataset] + ([unlabeled_key(run.dataset)] if run.learns_unlabeled else [])
         ok, why = b.wait_for(needs)
         if not ok:
             b.slots.pass_turn(ticket)
@@ -45,10 +42,12 @@ def run_in_turn(b: Supervisor, run: RunSpec, ticket: int, datasets: dict[str, di
                 finish_run(b, run, STATUS_NOT_STARTED, why)
                 return
             b.doc["runs"][run.key]["started_utc"] = utc_now()
+            # the stages read the run's label budget's semi-supervised dataset as "semi"
+            own = {**datasets, "semi": datasets[run.semi_dataset]}
             if run.kind == "self_training":
-                _self_training(b, run, datasets)
+                _self_training(b, run, own)
             else:
-                _train_predict_score(b, run, datasets)
+                _train_predict_score(b, run, own)
         finally:
             b.slots.release()
     except Exception as e:  # noqa: BLE001 -- report it and let the other runs finish
@@ -158,80 +157,53 @@ def _score(b: Supervisor, run: RunSpec, predictions: Path, labels: Path) -> None
 
 
 def _self_training(b: Supervisor, run: RunSpec, datasets: dict[str, dict[str, Any]]) -> None:
-    """Train on the labeled scans, pseudo-label the unlabeled ones, train on both, predict and score."""
+    """nnunet_sassnet_selftrain (one round, fold all, the run's trainer as teacher and student), then predict and
+    score the student. Its steps' times come from the round's record, as stages of their own."""
     entry, folder, semi = b.doc["runs"][run.key], b.runs_dir / run.slug, datasets["semi"]
-    seconds = entry["seconds"]
-    result, model = _train(b, run, "train1", semi["id"], semi["name"], folder / "stage1_results")
-    seconds["train_labeled"] = round(result.seconds, 2)
-    if not _trained(b, run, result, model, "training on the labeled scans"):
-        return
-    pseudo = folder / "pseudo_labels"
-    result = _predict(b, run, "pseudolabel", semi["id"], Path(semi["raw"]) / "imagesUnlabeled", pseudo,
-                      folder / "stage1_results")
-    seconds["pseudo_label"] = round(result.seconds, 2)
-    if not result.ok:
-        finish_run(b, run, "timeout" if result.timed_out else "failed", f"pseudo-labelling: {result.error}")
-        return
     raw, preprocessed, results = folder / "nnUNet_raw", folder / "nnUNet_preprocessed", folder / "nnUNet_results"
-    name = make_pseudo_labeled_dataset(Path(semi["raw"]), pseudo, raw, SELF_TRAINING_DATASET_ID)
-    np_ = str(b.s.plan_processes)
-    argv = ["-d", SELF_TRAINING_DATASET_ID, "-c", CONFIGURATION, "-npfp", np_, "-np", np_]
-    if b.s.cpu_smoke:  # the smoke run trains with small plans of the same name as the labeled dataset's
-        argv.append("--no_pp")
-    folders = {"raw": raw, "preprocessed": preprocessed}
-    result = b.run_step(f"plan2_{run.slug}", tools.tool_command("nnUNetv2_plan_and_preprocess", argv),
-                        b.env(**folders), CAP_PLAN)
-    planning = result.seconds
-    if result.ok and b.s.cpu_smoke:
-        result = _small_plans(b, run, preprocessed / name, folders)
-        planning += result.seconds
-    seconds["plan_pseudo_labeled"] = round(planning, 2)
-    if not result.ok:
-        finish_run(b, run, "timeout" if result.timed_out else "failed", f"planning: {result.error}")
-        return
-    result, model = _train(b, run, "train2", SELF_TRAINING_DATASET_ID, name, results, **folders)
-    seconds["train"] = round(result.seconds, 2)
+    # the run's own nnU-Net folders (concurrent runs each make a student dataset 903), the labeled dataset linked
+    for base, shared in ((raw, b.raw), (preprocessed, b.preprocessed)):
+        base.mkdir(parents=True, exist_ok=True)
+        if not (base / semi["name"]).exists():
+            (base / semi["name"]).symlink_to(shared / semi["name"], target_is_directory=True)
+    s, workers = b.s, str(max(0, b.s.workers_per_run))
+    student = f"Dataset{SELF_TRAINING_DATASET_ID:03d}_LAselftrain"
+    argv = ["-d", semi["id"], "-c", CONFIGURATION, "-f", "all", "-tr", run.bench_trainer, "-p", s.plans,
+            "--student-dataset", student, "-device", s.device, "-step_size", s.step_size, "-npp", workers,
+            "-nps", workers, "-np", s.plan_processes, *([] if s.tta else ["--disable_tta"])]
+    env = b.env(data_workers=s.workers_semi if run.semi_supervised else s.workers_per_run, results=results, raw=raw,
+                preprocessed=preprocessed, compile=run.compile, run_variables=_run_variables(b, run))
+    result = b.run_step(f"selftrain_{run.slug}", tools.entry_command("nnunet_sassnet.selftraining", "main", argv),
+                        env, 2 * CAP_TRAIN + CAP_PREDICT + CAP_PLAN)
+    _record_self_training_steps(b, run, raw / student)
+    model = results / student / f"{run.bench_trainer}__{s.plans}__{CONFIGURATION}" / "fold_all"
     entry["model"] = str(model)
-    if not _trained(b, run, result, model, "training on labeled + pseudo-labeled scans"):
+    if not _trained(b, run, result, model, "self-training"):
         return
-    _predict_and_score(b, run, SELF_TRAINING_DATASET_ID, results, datasets, **folders)
+    _predict_and_score(b, run, SELF_TRAINING_DATASET_ID, results, datasets, raw=raw, preprocessed=preprocessed)
 
 
-def _small_plans(b: Supervisor, run: RunSpec, folder: Path, folders: dict[str, Path]) -> StepResult:
-    """Small CPU plans for the pseudo-labeled dataset (the smoke run), preprocessed with them."""
-    from nnunet_sassnet.plans import derive_small_plans
-
-    derive_small_plans(str(folder), SMOKE_PATCH, features_per_stage=SMOKE_FEATURES, batch_size=2,
-                       target_plans=SMALL_PLANS, configuration=CONFIGURATION)
-    cmd = tools.tool_command("nnUNetv2_preprocess", ["-d", SELF_TRAINING_DATASET_ID, "-plans_name", SMALL_PLANS,
-                                                     "-c", CONFIGURATION, "-np", str(b.s.plan_processes)])
-    return b.run_step(f"preprocess2_{run.slug}", cmd, b.env(**folders), CAP_PLAN)
+#: the self-training command's steps -> (the benchmark's stage, its key in the ledger's seconds)
+SELF_TRAINING_STAGES = {"teacher": ("train1", "train_labeled"), "pseudo_labels": ("pseudolabel", "pseudo_label"),
+                        "dataset": ("plan2", "plan_pseudo_labeled"), "student": ("train2", "train")}
 
 
-def make_pseudo_labeled_dataset(semi_raw: Path, pseudo_labels: Path, raw: Path, dataset_id: int) -> str:
-    """An nnU-Net raw dataset of the labeled scans and the unlabeled ones with their pseudo labels.
+def _record_self_training_steps(b: Supervisor, run: RunSpec, student_raw: Path) -> None:
+    """The finished steps of the round's record (selftraining.json) as the run's stages and seconds."""
+    from nnunet_sassnet.selftraining.state import RoundState
 
-    Images are hard-linked where the file system allows it (they are not changed). Returns the dataset's name.
-    """
-    dataset_json = json.loads((semi_raw / "dataset.json").read_text())
-    ending = dataset_json["file_ending"]
-    name = f"Dataset{dataset_id:03d}_LAselftrain"
-    target = raw / name
-    if target.exists():
-        shutil.rmtree(target)
-    for sub in ("imagesTr", "labelsTr"):
-        (target / sub).mkdir(parents=True)
-    labels = [*sorted((semi_raw / "labelsTr").glob(f"*{ending}")), *sorted(pseudo_labels.glob(f"*{ending}"))]
-    images = [*sorted((semi_raw / "imagesTr").glob(f"*{ending}")),
-              *sorted((semi_raw / "imagesUnlabeled").glob(f"*{ending}"))]
-    for source, sub in [*((p, "labelsTr") for p in labels), *((p, "imagesTr") for p in images)]:
-        try:
-            os.link(source, target / sub / source.name)
-        except OSError:
-            shutil.copy2(source, target / sub / source.name)
-    dataset_json["numTraining"] = len(labels)
-    (target / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
-    return name
+    state = RoundState.load(student_raw) if student_raw.is_dir() else None
+    if state is None:
+        return
+    # the record holds wall-clock times; the stages are on the benchmark's monotonic clock
+    offset = time.monotonic() - time.time()
+    for step, (stage, key) in SELF_TRAINING_STAGES.items():
+        record = state.steps.get(step, {})
+        if record.get("status") == "done":
+            start, end = record["started"] + offset, record["finished"] + offset
+            with b.lock:
+                b.doc["runs"][run.key]["seconds"][key] = round(end - start, 2)
+            b.record_stage(f"{stage}_{run.slug}", start, end, "ok")
 
 
 #: per-epoch keys of nnU-Net's logger left out of the ledger (timestamps; the learning rate follows the protocol)

@@ -87,9 +87,15 @@ class Supervisor:
         self.stages: list[dict[str, Any]] = []
         self.on_write: Callable[[], None] | None = None  # renders the tables; set by the caller
         self.on_run_finished: Callable[[Any, dict[str, Any]], None] | None = None  # the ledger's; set by the caller
-        # readiness of the prepared data ("semi", "all", "unlabeled"): a run starts as soon as its data is there
+        # readiness of the prepared data ("semi", "all", "unlabeled"; "semi4", "unlabeled4" for a budget of 4
+        # labeled scans): a run starts as soon as its data is there
         self.events = {key: threading.Event() for key in ("semi", "all", "unlabeled")}
         self.state: dict[str, tuple[bool, str]] = {}
+
+    def expect(self, keys: list[str]) -> None:
+        """Readiness events for the data ``keys`` (before any thread waits for them or sets them)."""
+        for key in keys:
+            self.events.setdefault(key, threading.Event())
 
     def wait_for(self, keys: list[str]) -> tuple[bool, str]:
         """Wait until the data ``keys`` are prepared; (False, why) when one failed or the benchmark stopped."""

@@ -153,6 +153,29 @@ def class_settings_at_commit(commit: str, trainer: str, path: str = "nnunet_sass
     return dict(sorted(settings.items()))
 
 
+def current_settings_ids(names: Iterable[str]) -> dict[str, str]:
+    """Settings ids of the trainer classes as this checkout defines them, for the names it defines (nnU-Net's
+    nnUNetTrainer, this package's trainers and variants); other names are left out."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunet_sassnet import trainers, variants
+    found = {}
+    for name in names:
+        cls = nnUNetTrainer if name == nnUNetTrainer.__name__ else (getattr(trainers, name, None)
+                                                                     or getattr(variants, name, None))
+        if isinstance(cls, type) and issubclass(cls, nnUNetTrainer):
+            found[name] = settings_id(class_settings(cls))
+    return found
+
+
+#: class attributes added after runs were recorded, with the value at which the code behaves as it did before
+#: the attribute existed: at that value a class keeps the settings id of its recorded runs, so that they are not
+#: trained again (``discriminator_downsampled``: False is the full-resolution discriminator every SASSNet run had)
+NEUTRAL_SETTINGS: dict[str, Any] = {"discriminator_downsampled": False}
+
+
 def settings_id(settings: dict[str, Any]) -> str:
-    """A short hash of a trainer's settings: runs of a class whose defaults changed are told apart."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    """A short hash of a trainer's settings: runs of a class whose defaults changed are told apart; an attribute
+    at its :data:`NEUTRAL_SETTINGS` value counts as absent."""
+    kept = {k: v for k, v in settings.items() if k not in NEUTRAL_SETTINGS or v != NEUTRAL_SETTINGS[k]}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:10]
