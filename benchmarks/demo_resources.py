@@ -6,9 +6,11 @@ Runs the demo as a subprocess and samples its whole process tree (nnU-Net's tool
 processes included) every 0.2 s. Reports the peak of the summed resident memory (RSS), the peak held for at
 least a second, and the peak of the summed proportional set size (PSS: shared pages split among the
 processes that share them, so forked and spawned workers are not counted twice). Uses psutil when it is
-installed, else Linux's /proc. Prints one JSON line with these, the wall time, the demo's mean Dice (from
-its report.json), the CPU count and the load average before and after the run: other work on the machine
-slows the demo down, so measure on an otherwise idle machine. ``--busy-processes N`` runs N competing processes
+installed, else Linux's /proc. Prints one JSON line with these, the wall time, the CPU time of the process tree
+(each process's last sampled user + system time, summed: it misses at most a sampling interval per process), the
+demo's mean Dice (from its report.json), the torch threads its training chose per epoch (from the training log),
+the CPU count and the load average before and after the run: other work on the machine slows the demo down, so
+measure on an otherwise idle machine, or compare CPU times. ``--busy-processes N`` runs N competing processes
 that each keep one core busy (``python -c "while True: pass"``) for the whole run: the demo on a machine that is
 not idle. Memory is reported in GiB.
 """
@@ -20,6 +22,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -77,8 +80,32 @@ def _memory_psutil(pid: int) -> tuple[int, int]:
     return info.rss, getattr(info, "pss", 0)
 
 
-def tree_memory(root_pid: int) -> tuple[int, int, int]:
-    """Summed RSS, summed PSS (bytes) and number of processes of ``root_pid`` and its descendants."""
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of one process so far (not its children's); None if it ended."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # fields 14 and 15 of stat (utime, stime), counted from field 3 after the command name
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds_psutil(pid: int) -> float | None:
+    import psutil
+
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+    return times.user + times.system
+
+
+def tree_memory(root_pid: int, cpu: dict[int, float] | None = None) -> tuple[int, int, int]:
+    """Summed RSS, summed PSS (bytes) and number of processes of ``root_pid`` and its descendants.
+
+    ``cpu``, where given, gets each process's CPU seconds so far (by pid; the last sample stays once it ends).
+    """
     if HAS_PSUTIL:
         import psutil
 
@@ -87,16 +114,31 @@ def tree_memory(root_pid: int) -> tuple[int, int, int]:
             pids = [root_pid, *(p.pid for p in root.children(recursive=True))]
         except psutil.NoSuchProcess:
             return 0, 0, 0
-        measure = _memory_psutil
+        measure, cpu_seconds = _memory_psutil, _cpu_seconds_psutil
     else:
         pids = _descendants(root_pid)
-        measure = _memory
+        measure, cpu_seconds = _memory, _cpu_seconds
     rss = pss = 0
     for pid in pids:
         r, p = measure(pid)
         rss += r
         pss += p
+        if cpu is not None:
+            seconds = cpu_seconds(pid)
+            if seconds is not None:
+                cpu[pid] = seconds
     return rss, pss, len(pids)
+
+
+def chosen_threads(workdir: Path) -> list[int]:
+    """The torch threads the demo's training chose, per epoch (its log lines "torch threads for this epoch: N")."""
+    counts = []
+    for log in sorted(workdir.glob("nnUNet_results/*/*/fold_*/training_log_*.txt")):
+        for line in log.read_text(errors="replace").splitlines():
+            match = re.search(r"torch threads for this epoch: (\d+)", line)
+            if match:
+                counts.append(int(match.group(1)))
+    return counts
 
 
 def sustained_peak(samples: list[tuple[float, int]], window_s: float) -> int:
@@ -144,10 +186,11 @@ def main() -> int:
         _stop(spinners)
         raise
     samples: list[tuple[float, int, int, int]] = []  # (seconds, RSS, PSS, processes)
+    cpu: dict[int, float] = {}  # CPU seconds per process of the tree, last sample
 
     def sample() -> None:
         while process.poll() is None:
-            samples.append((time.perf_counter() - start, *tree_memory(process.pid)))
+            samples.append((time.perf_counter() - start, *tree_memory(process.pid, cpu)))
             time.sleep(SAMPLE_SECONDS)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -176,7 +219,9 @@ def main() -> int:
         "peak_tree_rss_held_1s_gib": round(sustained_peak([(s[0], s[1]) for s in samples], 1.0) / gib, 2),
         "peak_tree_pss_gib": round(max((s[2] for s in samples), default=0) / gib, 2),
         "peak_processes": max((s[3] for s in samples), default=0),
+        "cpu_s": round(sum(cpu.values()), 1),
         "mean_dice": None if dice is None else round(dice, 4),
+        "torch_threads_per_epoch": chosen_threads(workdir),
         "busy_processes": args.busy_processes,
         "cpus": os.cpu_count(),
         "load_average_before": [round(v, 2) for v in load_before],

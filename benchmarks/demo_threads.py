@@ -44,7 +44,7 @@ def prepare(workdir: Path, seed: int) -> None:
     if unlabeled.is_dir():
         return
     workdir.mkdir(parents=True, exist_ok=True)
-    pipeline.generate_data(layout, seed)
+    pipeline.generate_data(layout, seed, config.DATA)
     pipeline.convert(layout)
     pipeline.plan(layout)
     pipeline.preprocess(layout)
@@ -61,6 +61,7 @@ def time_blocks(rounds: int, steps: int) -> None:
     from nnunetv2.run.run_training import get_trainer_from_args
 
     from nnunet_sassnet.demo import config
+    from nnunet_sassnet.demo.trainers import ThreadTrials
 
     trainer = get_trainer_from_args(str(config.DATASET_ID), config.CONFIGURATION, int(config.FOLD), config.TRAINER,
                                     config.PLANS, device=torch.device("cpu"))
@@ -69,6 +70,8 @@ def time_blocks(rounds: int, steps: int) -> None:
     blocks = [(-1, CONDITIONS[0])] + list(itertools.product(range(rounds), CONDITIONS))  # -1: warm-up block
     for round_index, (threads, busy) in blocks:
         torch.set_num_threads(threads)
+        # a fixed count: the demo's trainer would otherwise choose one itself (ThreadTrials)
+        trainer.thread_trials = ThreadTrials([threads], trials_per_choice=1, first_trial_step=0)
         spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
         load = os.getloadavg()[0]
         times = []

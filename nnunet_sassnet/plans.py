@@ -23,12 +23,14 @@ def _resized(values: Sequence[int], length: int) -> list[int]:
 def derive_small_plans(preprocessed_dataset_folder: str, patch_size: Sequence[int],
                        features_per_stage: Sequence[int] = (8, 16, 32), batch_size: int = 2,
                        source_plans: str = "nnUNetPlans", target_plans: str = "nnUNetPlansSmall",
-                       configuration: str = "3d_fullres") -> str:
+                       configuration: str = "3d_fullres", blocks_per_stage: int | None = None) -> str:
     """Write ``<target_plans>.json`` beside ``<source_plans>.json``; return its path.
 
     The configuration ``configuration`` gets ``patch_size``, ``batch_size`` and its U-Net class (PlainConvUNet
     or ResidualEncoderUNet) with one stage per entry of ``features_per_stage`` (stride 2 on every axis after the first stage, so each patch axis
-    must be divisible by ``2 ** (stages - 1)``); other configurations are dropped.
+    must be divisible by ``2 ** (stages - 1)``); other configurations are dropped. ``blocks_per_stage``: the
+    convolutions (PlainConvUNet; residual blocks for ResidualEncoderUNet) of every encoder stage and the
+    convolutions of every decoder stage; None keeps the source plans' counts.
     """
     source_file = os.path.join(preprocessed_dataset_folder, source_plans + ".json")
     if not os.path.isfile(source_file):
@@ -60,6 +62,11 @@ def derive_small_plans(preprocessed_dataset_folder: str, patch_size: Sequence[in
     for key in ("n_conv_per_stage", "n_blocks_per_stage"):
         if key in arch:
             arch[key] = _resized(arch[key], n_stages)
+    if blocks_per_stage is not None:
+        for key, length in (("n_conv_per_stage", n_stages), ("n_blocks_per_stage", n_stages),
+                            ("n_conv_per_stage_decoder", n_stages - 1)):
+            if key in arch:
+                arch[key] = [int(blocks_per_stage)] * length
     plans["configurations"] = {configuration: config}
     plans["plans_name"] = target_plans
     target_file = os.path.join(preprocessed_dataset_folder, target_plans + ".json")

@@ -80,6 +80,16 @@ def _server() -> multiprocessing.context.ForkServerContext:
         return _context
 
 
+def start_early(env: Mapping[str, str] | None = None) -> None:
+    """Start the fork server now, where warm starts are on (in ``env``): it imports :data:`PRELOAD` in its own
+    process while the caller goes on with other work, instead of when the first command starts."""
+    if enabled(env):
+        from multiprocessing import forkserver
+
+        _server()
+        forkserver.ensure_running()
+
+
 class WarmProcess:
     """A command started by the fork server, with the part of ``subprocess.Popen`` that ``run_tool`` and its
     callers use: ``pid`` (the leader of the command's own process group), ``stdout`` (its output, stderr

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import EarlyStart, early_start
+from conftest import SMALL_PLANS, EarlyStart, early_start
 from nnunet_sassnet.demo import config
 from nnunet_sassnet.demo.synthetic_la import SyntheticLAConfig, write_dataset
+from nnunet_sassnet.demo.trainers import SparseProgressLogger, ThreadTrials, usable_cores
 
 NUM_STAGES = 9
 NNUNET_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
@@ -87,6 +88,11 @@ def test_quick_demo_runs_every_stage_on_real_files(quick_demo):
     preprocessed = workdir / "nnUNet_preprocessed" / raw.name
     plans = json.loads((preprocessed / f"{config.PLANS}.json").read_text())
     assert plans["configurations"][config.CONFIGURATION]["patch_size"] == list(config.PATCH_SIZE)
+    unet = plans["configurations"][config.CONFIGURATION]["architecture"]["arch_kwargs"]
+    stages = len(config.FEATURES_PER_STAGE)
+    assert unet["features_per_stage"] == list(config.FEATURES_PER_STAGE)
+    assert unet["n_conv_per_stage"] == [config.CONVOLUTIONS_PER_STAGE] * stages
+    assert unet["n_conv_per_stage_decoder"] == [config.CONVOLUTIONS_PER_STAGE] * (stages - 1)
     assert len(list((preprocessed / f"{config.PLANS}_{config.CONFIGURATION}").glob("*.b2nd"))) >= data.num_labeled
     unlabeled = preprocessed / f"{config.PLANS}_{config.CONFIGURATION}_unlabeled"
     assert (unlabeled / "sassnet_unlabeled_stamp.json").is_file()
@@ -144,3 +150,95 @@ def test_synthetic_data_is_deterministic_for_a_seed(tmp_path):
         assert set(np.unique(label)) == {0, 255}
     assert not (tmp_path / "a" / split_a["unlabeled"][0] / "laendo.nrrd").exists()
     assert split_c != split_a
+
+
+def test_thread_trials_time_each_count_after_the_probe_steps_and_keep_the_faster():
+    trials = ThreadTrials([2, 1], trials_per_choice=1, first_trial_step=1)
+
+    def epoch(seconds: dict[int, float]) -> tuple[list[int], str | None]:
+        """One epoch of 5 steps: the thread count of each, and the line logged."""
+        trials.new_epoch()
+        used, line = [], None
+        for step in range(5):
+            used.append(trials.threads_for(step))
+            line = trials.record(step, used[-1], seconds[used[-1]]) or line
+        return used, line
+
+    # idle: two threads are faster, and stay chosen, with trials every epoch
+    assert epoch({1: 0.9, 2: 0.5}) == ([1, 1, 2, 2, 2], "torch threads for this epoch: 2 (median step with 1: "
+                                                         "0.90 s, 2: 0.50 s)")
+    assert epoch({1: 0.9, 2: 0.5})[0] == [2, 1, 2, 2, 2]
+    # another process takes a core: two threads wait for each other; one thread, and trials pause 1, 2, 4 epochs
+    busy = {1: 0.9, 2: 2.7}
+    assert epoch(busy) == ([2, 1, 2, 1, 1], "torch threads for this epoch: 1 (median step with 1: 0.90 s, "
+                                              "2: 2.70 s; no trials in the next 1 epoch(s))")
+    assert epoch(busy)[0] == [1] * 5
+    assert epoch(busy)[1].endswith("no trials in the next 2 epoch(s))")
+    assert [epoch(busy)[0] for _ in range(2)] == [[1] * 5] * 2
+    assert epoch(busy)[1].endswith("no trials in the next 4 epoch(s))")
+    assert [epoch(busy)[0] for _ in range(4)] == [[1] * 5] * 4
+    # idle again: two threads win at the next trial, and the trials are every epoch again
+    assert epoch({1: 0.9, 2: 0.5})[0] == [1, 1, 2, 2, 2]
+    assert epoch({1: 0.9, 2: 0.5})[0] == [2, 1, 2, 2, 2]
+    assert ThreadTrials([1], trials_per_choice=1, first_trial_step=1).num_trial_steps == 0  # nothing to choose
+
+
+def test_cpu_trainer_trains_each_trial_step_with_its_thread_count(nnunet_paths, monkeypatch):
+    """Real steps of the demo's CPU trainer on the tiny dataset: the trial steps run with 1 and 2 torch threads,
+    the choice is logged, and the steps after it use the faster count."""
+    import torch
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    if usable_cores() < 2:
+        pytest.skip("one usable core: there is no thread count to choose")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the tests' cap of one thread would leave no choice
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(2)  # what nnUNetv2_train -device cpu does on two cores
+    try:
+        trainer = get_trainer_from_args("990", "3d_fullres", "all", config.QUICK_TRAINER, SMALL_PLANS,
+                                        device=torch.device("cpu"))
+        trainer.num_iterations_per_epoch = 5
+        trainer.on_train_start()
+        trainer.on_train_epoch_start()
+        seen = []
+        unlabeled = trainer.dataloader_unlabeled
+
+        class ThreadsAtEachStep:  # the unlabeled batch is drawn inside the step, with the step's thread count
+            def __next__(self):
+                seen.append(torch.get_num_threads())
+                return next(unlabeled)
+
+        trainer.dataloader_unlabeled = ThreadsAtEachStep()
+        for _ in range(5):
+            trainer.train_step(next(trainer.dataloader_train))
+        chosen = trainer.thread_trials.current
+        assert seen == [1, 1, 2, chosen, chosen]  # the probe step, one trial per count, then the faster
+        log = Path(trainer.log_file).read_text()
+        assert f"torch threads for this epoch: {chosen} (median step with 1: " in log
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def test_sparse_progress_logger_draws_every_nth_and_the_last_epoch(monkeypatch, tmp_path):
+    from nnunet_sassnet.progress import SASSNetLocalLogger
+
+    drawn = []  # drawing progress.png itself is SASSNetLocalLogger's, tested with the trainers
+    monkeypatch.setattr(SASSNetLocalLogger, "plot_progress_png", lambda self, folder: drawn.append(epoch))
+    logger = SparseProgressLogger(["seg_losses"], plot_every=4)
+    logger.last_epoch = 5
+    for epoch in range(6):
+        logger.log("epoch_end_timestamps", float(epoch), epoch)
+        logger.plot_progress_png(str(tmp_path))
+    assert drawn == [3, 5]
+
+
+def test_demo_starts_nnunets_commands_warm_unless_told_otherwise(tmp_path, monkeypatch):
+    from nnunet_sassnet import warm_start
+    from nnunet_sassnet.demo.pipeline import Layout, nnunet_environment
+
+    monkeypatch.delenv(warm_start.ENV_VARIABLE, raising=False)
+    env = nnunet_environment(Layout(tmp_path), 1, threads=1)
+    assert env[warm_start.ENV_VARIABLE] == "1" and env["OMP_NUM_THREADS"] == "1"
+    assert env["nnUNet_results"] == str(tmp_path / "nnUNet_results")
+    monkeypatch.setenv(warm_start.ENV_VARIABLE, "0")  # the user's choice stays
+    assert nnunet_environment(Layout(tmp_path), 1)[warm_start.ENV_VARIABLE] == "0"

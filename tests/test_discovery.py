@@ -82,6 +82,42 @@ def test_looking_up_the_main_trainers_does_not_import_the_demo():
     assert Path(found["nnUNetTrainerSASSNet"]).is_relative_to(REPO / "nnunet_sassnet" / "trainers")
 
 
+# what nnU-Net's lookup imports beyond what nnU-Net imports anyway: a lookup always imports nnU-Net's own trainer
+# module first (whose logger imports matplotlib.pyplot and seaborn), so only the modules added after it count
+LOOKUP_IMPORTS_SCRIPT = """
+import json, sys
+import nnunetv2.training.nnUNetTrainer.nnUNetTrainer
+from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+before = set(sys.modules)
+found = recursive_find_trainer_class_by_name("nnUNetTrainerSASSNet_demo")
+try:  # a name in no module: the lookup imports every module of every trainer folder
+    recursive_find_trainer_class_by_name("nnUNetTrainerInNoFolder")
+except RuntimeError:
+    pass
+print("IMPORTS " + json.dumps({"found": found.__module__ + "." + found.__name__,
+                               "added": sorted(set(sys.modules) - before)}))
+"""
+
+
+def test_trainer_lookup_imports_trainers_only():
+    """Any lookup (nnUNetv2_train, _predict) imports this package's trainers and nothing of its tools: not the
+    demo's data generator or pipeline, the evaluator, the converter (h5py), nor matplotlib beyond nnU-Net's own."""
+    env = {**os.environ, "nnUNet_extTrainer": discovery.trainer_dir()}
+    result = subprocess.run([sys.executable, "-c", LOOKUP_IMPORTS_SCRIPT], env=env, cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    line = next(x for x in result.stdout.splitlines() if x.startswith("IMPORTS "))
+    imports = json.loads(line[len("IMPORTS "):])
+    assert imports["found"] == "nnunet_sassnet.demo.trainers.nnUNetTrainerSASSNet_demo"
+    added = imports["added"]
+    assert "nnunet_sassnet.trainers.sassnet" in added  # the lookup did import this package's trainers
+    tools = ("nnunet_sassnet.demo.synthetic_la", "nnunet_sassnet.demo.pipeline", "nnunet_sassnet.demo.runner",
+             "nnunet_sassnet.demo.figure", "nnunet_sassnet.evaluation", "nnunet_sassnet.conversion", "h5py",
+             "matplotlib")
+    assert [m for m in added if m.startswith(tools)] == []
+
+
 def test_trainer_dir_check_command(monkeypatch, capsys):
     monkeypatch.setenv("nnUNet_extTrainer", os.pathsep.join(["/elsewhere", discovery.trainer_dir()]))
     assert discovery.trainer_dir_entry(["--check"]) == 0

@@ -14,15 +14,17 @@ from typing import Sequence
 
 __all__ = ["main"]
 
+#: what the demo takes, as measured with benchmarks/demo_resources.py (docs/demo.md)
+ESTIMATE = "ESTIMATE_TEXT"
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nnunet_sassnet_demo",
         description="Run the whole nnunet-sassnet pipeline on synthetic left-atrium scans on the CPU: data "
                     "generation, LA conversion, nnU-Net planning and preprocessing, unlabeled preprocessing, "
-                    "a short nnUNetTrainerSASSNet training, nnUNetv2_predict, evaluation and a figure. A few "
-                    "minutes (at most 10) and at most 4 GB of memory on two CPU cores; no GPU and no data "
-                    "needed.")
+                    "a short nnUNetTrainerSASSNet training, nnUNetv2_predict, evaluation and a figure. "
+                    f"{ESTIMATE.capitalize()}, at most 4 GB of memory; no GPU and no data needed.")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="folder for everything the demo writes (default: a new folder "
                              "./nnunet_sassnet_demo_<date>_<time>); must be empty or new unless --reuse")
@@ -72,8 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from nnunet_sassnet.demo.pipeline import print_failure, run_demo
     from nnunet_sassnet.demo.runner import StageFailed
 
-    mode = "quick run: a few training steps only" if args.quick else \
-        "3 to 20 minutes on two CPU cores, depending on their speed"
+    mode = "quick run: a few training steps only" if args.quick else ESTIMATE
     print(f"nnunet-sassnet demo in {workdir} ({mode})", flush=True)
     try:
         run_demo(workdir, seed=args.seed, quick=args.quick, reuse=args.reuse)

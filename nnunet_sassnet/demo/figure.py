@@ -27,17 +27,15 @@ class FigureCase:
 
 
 def predict_sdm(model_folder: Path, fold: str, image_files: list[list[str]], configuration: str,
-                label: int = 1) -> list[np.ndarray]:
+                label: int = 1, threads: int | None = None) -> list[np.ndarray]:
     """The SDM of ``label`` predicted by the fold's final checkpoint, one array (z, y, x) per case.
 
     ``image_files`` lists each case's channel files, as for nnU-Net. The SDM is negative inside the predicted
-    structure and positive outside (SASSNet's convention); outside nnU-Net's crop it is +1.
+    structure and positive outside (SASSNet's convention); outside nnU-Net's crop it is +1. ``threads``: torch
+    threads while predicting (None: as they are); restored afterwards.
     """
     import torch
-    from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
-    from acvl_utils.cropping_and_padding.padding import pad_nd_image
     from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -54,6 +52,22 @@ def predict_sdm(model_folder: Path, fold: str, image_files: list[list[str]], con
     checkpoint = load_weights_only(model_folder / f"fold_{fold}" / "checkpoint_final.pth", map_location="cpu")
     network.load_state_dict(checkpoint["network_weights"])
     network.eval()
+
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _sliding_window_sdms(network, plans_manager, cm, dataset_json, image_files, label)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _sliding_window_sdms(network, plans_manager, cm, dataset_json: dict, image_files: list[list[str]],
+                         label: int) -> list[np.ndarray]:
+    import torch
+    from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
+    from acvl_utils.cropping_and_padding.padding import pad_nd_image
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
 
     patch = tuple(int(p) for p in cm.patch_size)
     gaussian = compute_gaussian(patch, sigma_scale=1. / 8, value_scaling_factor=10, dtype=torch.float32,

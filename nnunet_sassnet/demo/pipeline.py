@@ -11,15 +11,19 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from nnunet_sassnet import warm_start
 from nnunet_sassnet.demo import config
+from nnunet_sassnet.demo.config import SyntheticLAConfig
 from nnunet_sassnet.demo.runner import (CaseCounter, Stages, StageFailed, TqdmMirror, TrainingProgress,
                                         format_seconds, run_tool, show_bars)
-from nnunet_sassnet.demo.synthetic_la import SyntheticLAConfig
 
 __all__ = ["Layout", "nnunet_environment", "run_demo"]
 
 NUM_STAGES = 9
 FIGURE_CASES = 3
+#: torch threads of the prediction and the figure: one, because on small patches a second thread gains little on
+#: an idle machine and loses much beside another busy process (docs/demo.md)
+PREDICTION_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -80,17 +84,23 @@ class Layout:
         return self.workdir / "nnunet_env.sh"
 
 
-def nnunet_environment(layout: Layout, augmentation_processes: int) -> dict[str, str]:
+def nnunet_environment(layout: Layout, augmentation_processes: int, threads: int | None = None) -> dict[str, str]:
     """The environment of the demo's subprocesses: the caller's, plus nnU-Net's folders in the work folder.
 
     The caller's own ``os.environ`` is not changed. ``augmentation_processes``: nnU-Net's planner needs at
     least 1; training uses 0 (augmentation in the training process), which on two cores is as fast as
-    background workers and saves their memory.
+    background workers and saves their memory. ``threads`` caps the math libraries' threads.
+
+    nnU-Net's commands start from a warm process (:mod:`nnunet_sassnet.warm_start`: the entry function of each
+    console script, in a process of its own) unless the caller's environment sets ``NNUNET_SASSNET_WARM_START``:
+    a fresh interpreter spends seconds of CPU time importing torch and nnU-Net's libraries, five times over.
     """
     from nnunet_sassnet.nnunet_tools import nnunet_environment as tool_environment
 
-    return tool_environment(layout.raw, layout.preprocessed, layout.results, default_workers=1,
-                            data_workers=augmentation_processes, make_folders=False)
+    env = tool_environment(layout.raw, layout.preprocessed, layout.results, default_workers=1,
+                           data_workers=augmentation_processes, threads=threads, make_folders=False)
+    env.setdefault(warm_start.ENV_VARIABLE, "1")
+    return env
 
 
 def _short_path(path: Path) -> str:
@@ -138,7 +148,8 @@ def preprocess(layout: Layout) -> None:
     from nnunet_sassnet.plans import derive_small_plans
 
     derive_small_plans(str(layout.preprocessed_dataset), config.PATCH_SIZE, config.FEATURES_PER_STAGE,
-                       config.BATCH_SIZE, target_plans=config.PLANS, configuration=config.CONFIGURATION)
+                       config.BATCH_SIZE, target_plans=config.PLANS, configuration=config.CONFIGURATION,
+                       blocks_per_stage=config.CONVOLUTIONS_PER_STAGE)
     mirror = TqdmMirror("Preprocessing")
     try:
         run_tool(["nnUNetv2_preprocess", "-d", str(config.DATASET_ID), "-plans_name", config.PLANS, "-c",
@@ -175,10 +186,11 @@ def predict(layout: Layout, trainer: str, num_cases: int, quick: bool = False) -
         run_tool(["nnUNetv2_predict", "-i", str(layout.raw_dataset / "imagesTs"), "-o", str(layout.predictions),
                   "-d", str(config.DATASET_ID), "-c", config.CONFIGURATION, "-p", config.PLANS, "-tr", trainer,
                   "-f", config.FOLD, "-device", "cpu"]
-                 # quick: no test-time mirroring (8 times fewer forward passes; the model has not learned anything)
-                 # and no worker processes (each would import torch and nnU-Net for two scans)
-                 + (["-npp", "0", "-nps", "0", "--disable_tta"] if quick else ["-npp", "1", "-nps", "1"]),
-                 nnunet_environment(layout, 1), layout.logs / "6_predict.log", counter)
+                 # no worker processes: each would import torch and nnU-Net (seconds of CPU time) for a few small
+                 # scans. quick: no test-time mirroring either (8 times fewer forward passes; the model has not
+                 # learned anything)
+                 + ["-npp", "0", "-nps", "0"] + (["--disable_tta"] if quick else []),
+                 nnunet_environment(layout, 1, threads=PREDICTION_THREADS), layout.logs / "6_predict.log", counter)
     finally:
         counter.close()
 
@@ -204,7 +216,8 @@ def draw_figure(layout: Layout, trainer: str, report: dict) -> int:
 
     cases = sorted(report["cases"])[:FIGURE_CASES]
     images = [layout.raw_dataset / "imagesTs" / f"{case}_0000.nii.gz" for case in cases]
-    sdms = predict_sdm(layout.model_folder(trainer), config.FOLD, [[str(p)] for p in images], config.CONFIGURATION)
+    sdms = predict_sdm(layout.model_folder(trainer), config.FOLD, [[str(p)] for p in images], config.CONFIGURATION,
+                       threads=PREDICTION_THREADS)
 
     def read(path: Path):
         return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
@@ -259,6 +272,9 @@ def run_demo(workdir: Path, seed: int, quick: bool, reuse: bool) -> dict:
     schedule = config.QUICK_SCHEDULE if quick else config.SCHEDULE
     stages = Stages(NUM_STAGES)
     data = config.QUICK_DATA if quick else config.DATA
+    # nnU-Net's commands start warm (see nnunet_environment): the fork server imports their libraries on the
+    # second core while this process draws the scans
+    warm_start.start_early(nnunet_environment(layout, 1))
 
     groups = generate_data(layout, seed, data)
     stages.finish(f"Generated {sum(map(len, groups.values()))} synthetic LA scans (seed {seed}): "
@@ -271,8 +287,8 @@ def run_demo(workdir: Path, seed: int, quick: bool, reuse: bool) -> dict:
     stages.finish("Planned with nnUNetv2_plan_and_preprocess (dataset fingerprint, nnUNetPlans)")
     preprocess(layout)
     stages.finish(f"Preprocessed with CPU plans {config.PLANS} (patch {'x'.join(map(str, config.PATCH_SIZE))}, "
-                  f"U-Net {'-'.join(map(str, config.FEATURES_PER_STAGE))}, batch {config.BATCH_SIZE}) "
-                  f"by nnUNetv2_preprocess")
+                  f"U-Net {'-'.join(map(str, config.FEATURES_PER_STAGE))} with {config.CONVOLUTIONS_PER_STAGE} "
+                  f"convolutions per stage, batch {config.BATCH_SIZE}) by nnUNetv2_preprocess")
     preprocess_unlabeled(layout)
     stages.finish(f"Preprocessed the {len(groups['unlabeled'])} unlabeled scans with "
                   f"nnunet_sassnet_preprocess_unlabeled")

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
+
+from nnunet_sassnet.demo.config import SyntheticLAConfig
 
 __all__ = ["SyntheticLAConfig", "generate_case", "write_dataset"]
 
@@ -30,20 +31,6 @@ IMAGE_FILE = "lgemri.nrrd"
 LABEL_FILE = "laendo.nrrd"
 #: "no surface nearby" for signed distances (finite, so that the smooth union stays finite)
 _FAR = 1e4
-
-
-@dataclass(frozen=True)
-class SyntheticLAConfig:
-    """Sizes of a synthetic data set (the defaults are the demo's)."""
-
-    num_labeled: int = 10
-    num_unlabeled: int = 20
-    num_test: int = 6
-    #: voxels (x, y, z) of a scan; each scan varies by up to ``shape_jitter`` voxels per axis
-    shape: tuple[int, int, int] = (56, 56, 40)
-    shape_jitter: int = 4
-    #: isotropic voxel size in mm (the LA crops of UA-MT are isotropic too, at 0.625 mm)
-    spacing_mm: float = 1.5
 
 
 # ------------------------------------------------------------------------------------------ geometry
@@ -60,19 +47,21 @@ def _rotation(rng: np.random.Generator, max_degrees: float) -> np.ndarray:
 def _ellipsoid(p: np.ndarray, center: np.ndarray, radii: np.ndarray, rotation: np.ndarray | None = None
                ) -> np.ndarray:
     """Approximate signed distance (mm) to an ellipsoid; ``p`` has shape (..., 3)."""
-    q = p - center
+    q = p - center.astype(p.dtype)  # in p's precision: float64 operands would double the work
     if rotation is not None:
-        q = q @ rotation  # world -> body coordinates
-    k = np.sqrt(((q / radii) ** 2).sum(-1))
+        q = q @ rotation.astype(p.dtype)  # world -> body coordinates
+    q /= radii.astype(p.dtype)
+    k = np.sqrt(np.einsum("...i,...i->...", q, q))
     return (k - 1.0) * radii.min()
 
 
 def _segment(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distance (mm) from ``p`` to the segment a-b, and the position t in [0, 1] along it."""
-    ab = b - a
-    t = np.clip(((p - a) @ ab) / float(ab @ ab), 0.0, 1.0)
-    closest = a + t[..., None] * ab
-    return np.sqrt(((p - closest) ** 2).sum(-1)), t
+    ab = (b - a).astype(p.dtype)
+    offset = p - a.astype(p.dtype)
+    t = np.clip((offset @ ab) / float(ab @ ab), 0.0, 1.0)
+    offset -= t[..., None] * ab  # from the closest point of the segment
+    return np.sqrt(np.einsum("...i,...i->...", offset, offset)), t
 
 
 def _tube(p: np.ndarray, points: list[np.ndarray], radius: float) -> np.ndarray:
