@@ -563,11 +563,11 @@ def test_gradient_ratio_benchmark_measures_settings_as_subclasses(trainer_paths)
 
 # ---- nnU-Net's own commands ------------------------------------------------------------------------------------
 @pytest.mark.slow
-# the command-line path of DTC is that of DTC + discriminator (its consistency term, SASSNet's D on top); BCP and the
-# two-view mean teacher go through the CLI in the test below (the mean teacher's path is the two-view one's), the
-# published-balance variants differ from their bases in the loss only; every trainer's own step is tested
+# DTC + discriminator (DTC's consistency term with SASSNet's D on top) and DTC with the published balance (Dice alone,
+# full-resolution output only: nnU-Net's deep supervision off); BCP and the two-view mean teacher go through the CLI
+# in the test below (the one-view mean teacher's path is the two-view one's); every trainer's own step is tested
 # in-process above
-@pytest.mark.parametrize("base", ["nnUNetTrainerDTCSASSNet"])
+@pytest.mark.parametrize("base", ["nnUNetTrainerDTCSASSNet", "nnUNetTrainerDTCPublishedBalance"])
 def test_trainer_trains_through_stock_cli_and_predicts(trainer_paths, tiny_dataset, smoke_dir, tmp_path, base):
     """nnUNetv2_train finds each trainer in a user's folder of nnUNet_extTrainer; nnU-Net's predictor serves it."""
     env = training_environment(tiny_dataset["env"])
@@ -604,7 +604,8 @@ def assert_fold_0_predicts(model: Path, images: Path, output: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("base", ["nnUNetTrainerBCP", "nnUNetTrainerMeanTeacherTwoView"])
+# the two-view mean teacher with the published balance: the two-view path and nnU-Net's deep supervision switched off
+@pytest.mark.parametrize("base", ["nnUNetTrainerBCP", "nnUNetTrainerMeanTeacherTwoViewPublishedBalance"])
 def test_teacher_trainer_starts_from_nnunet_resumes_and_predicts_through_the_cli(trainer_paths, tiny_dataset,
                                                                                  smoke_dir, tmp_path, base):
     """From a stock nnU-Net model (-pretrained_weights, output layers included), stopped after epoch 0 (BCP: at the

@@ -15,7 +15,7 @@ from typing import Sequence
 __all__ = ["main"]
 
 #: what the demo takes, as measured with benchmarks/demo_resources.py (docs/demo.md)
-ESTIMATE = "ESTIMATE_TEXT"
+ESTIMATE = "about 5 minutes on two idle CPU cores, up to twice that beside other work"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Run the whole nnunet-sassnet pipeline on synthetic left-atrium scans on the CPU: data "
                     "generation, LA conversion, nnU-Net planning and preprocessing, unlabeled preprocessing, "
                     "a short nnUNetTrainerSASSNet training, nnUNetv2_predict, evaluation and a figure. "
-                    f"{ESTIMATE.capitalize()}, at most 4 GB of memory; no GPU and no data needed.")
+                    f"{ESTIMATE[0].upper() + ESTIMATE[1:]}, at most 4 GB of memory; no GPU and no data needed.")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="folder for everything the demo writes (default: a new folder "
                              "./nnunet_sassnet_demo_<date>_<time>); must be empty or new unless --reuse")

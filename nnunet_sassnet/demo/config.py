@@ -47,9 +47,9 @@ FEATURES_PER_STAGE = (8, 16, 32)
 CONVOLUTIONS_PER_STAGE = 2
 BATCH_SIZE = 2
 
-#: 280 SASSNet steps (2 labeled + 1 unlabeled patch each, see demo.trainers); few long epochs, because each
+#: 320 SASSNet steps (2 labeled + 1 unlabeled patch each, see demo.trainers); few long epochs, because each
 #: epoch ends with validation and possibly a checkpoint
-SCHEDULE = dict(num_epochs=8, num_iterations_per_epoch=35, num_val_iterations_per_epoch=4)
+SCHEDULE = dict(num_epochs=8, num_iterations_per_epoch=40, num_val_iterations_per_epoch=4)
 #: the same code path in a few seconds of training (the demo's end-to-end test); the model does not learn
 QUICK_SCHEDULE = dict(num_epochs=2, num_iterations_per_epoch=4, num_val_iterations_per_epoch=2)
 
