@@ -31,6 +31,8 @@ DESCRIPTIONS = {
     "nnUNetTrainerMeanTeacher": "mean teacher (EMA teacher, noise consistency)",
     "nnUNetTrainerMeanTeacherW1": "mean teacher at 10x its published weight",
     "nnUNetTrainerMeanTeacherTwoView": "mean teacher, teacher on a mirrored view mapped back",
+    "nnUNetTrainerMeanTeacherTwoViewPublishedBalance": "the two-view mean teacher with UA-MT's supervised loss",
+    "nnUNetTrainerDTCPublishedBalance": "dual-task consistency with DTC's supervised loss (Dice alone)",
     "nnUNetTrainerBCP": "bidirectional copy-paste (BCP) with an EMA teacher",
 }
 SELF_TRAINING = "nnU-Net self-training: train, pseudo-label the unlabeled scans, train again on all"
