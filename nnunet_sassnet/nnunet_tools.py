@@ -21,8 +21,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 from nnunet_sassnet import warm_start
 
-__all__ = ["ENTRY_POINTS", "tool_command", "entry_command", "nnunet_environment", "cap_torch_threads", "ToolRun",
-           "run_tool", "stop_process_group", "log_tail"]
+__all__ = ["ENTRY_POINTS", "tool_command", "entry_command", "nnunet_environment", "usable_cores",
+           "cap_torch_threads", "ToolRun", "run_tool", "stop_process_group", "log_tail"]
 
 #: the console scripts that the project starts, as ``module:function`` (the same as their installed scripts)
 ENTRY_POINTS: dict[str, str] = {
@@ -91,6 +91,14 @@ def nnunet_environment(raw: str | Path, preprocessed: str | Path, results: str |
         for folder in (raw, preprocessed, results):
             Path(folder).mkdir(parents=True, exist_ok=True)
     return env
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the platform reports it, else all)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not available on macOS / Windows
+        return max(1, os.cpu_count() or 1)
 
 
 def cap_torch_threads() -> int:

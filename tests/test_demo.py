@@ -14,7 +14,8 @@ import SimpleITK as sitk
 from conftest import SMALL_PLANS, EarlyStart, early_start
 from nnunet_sassnet.demo import config
 from nnunet_sassnet.demo.synthetic_la import SyntheticLAConfig, write_dataset
-from nnunet_sassnet.demo.trainers import SparseProgressLogger, ThreadTrials, usable_cores
+from nnunet_sassnet.demo.trainers import SparseProgressLogger, ThreadTrials
+from nnunet_sassnet.nnunet_tools import usable_cores
 
 NUM_STAGES = 9
 NNUNET_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")

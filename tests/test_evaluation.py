@@ -19,7 +19,7 @@ from scipy import ndimage
 from conftest import LA_H5
 from nnunet_sassnet import evaluation as ev
 from nnunet_sassnet.evaluation.scoring import score_label
-from nnunet_sassnet.evaluation.surface import cpu_count
+from nnunet_sassnet.nnunet_tools import usable_cores
 
 medpy_binary = pytest.importorskip("medpy.metric.binary")
 
@@ -217,7 +217,7 @@ def test_large_volume_pair_is_exact():
     pred = ((z - 45) / 19.0) ** 2 + ((y - 306) / 86.0) ** 2 + ((x - 328) / 84.0) ** 2 <= 1
     spacing = np.array((2.5, 0.625, 0.625))
     start = time.perf_counter()
-    scores = score_label(pred, ref, spacing, cpu_count())
+    scores = score_label(pred, ref, spacing, usable_cores())
     print(f"\n640x640x88 pair scored (voxel + mm) in {time.perf_counter() - start:.2f} s")
     p, r = _crop_for_medpy(pred, ref)
     for unit, sp in (("voxel", None), ("mm", tuple(spacing))):

@@ -6,7 +6,6 @@ generator or pipeline.
 """
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from typing import Sequence
@@ -16,16 +15,12 @@ from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoM
     nnUNetTrainerNoMirroring)
 
 from nnunet_sassnet.demo.config import QUICK_SCHEDULE, SCHEDULE
+from nnunet_sassnet.nnunet_tools import usable_cores
 from nnunet_sassnet.progress import SASSNetLocalLogger
 from nnunet_sassnet.trainers import nnUNetTrainerSASSNet
 
 # the trainers only: nnU-Net's lookup star-imports this list (ThreadTrials and SparseProgressLogger are helpers)
 __all__ = ["nnUNetTrainerSASSNetCPU", "nnUNetTrainerSASSNet_demo", "nnUNetTrainerSASSNet_demo_quick"]
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity where the system tells it, else all)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 class ThreadTrials:

@@ -10,7 +10,7 @@ from nnunet_sassnet.errors import UserInputError
 from nnunet_sassnet.evaluation.aggregate import variant_report
 from nnunet_sassnet.evaluation.images import check_geometry, match_cases, read_header
 from nnunet_sassnet.evaluation.scoring import METRICS, VARIANT_LCC, VARIANT_RAW, CaseTask, score_case
-from nnunet_sassnet.evaluation.surface import cpu_count
+from nnunet_sassnet.nnunet_tools import usable_cores
 
 __all__ = ["EMPTY_HANDLING_NOTE", "evaluate_folders"]
 
@@ -104,7 +104,7 @@ def evaluate_folders(
 
     variants = (VARIANT_RAW, VARIANT_LCC) if both else ((VARIANT_LCC,) if largest_component else (VARIANT_RAW,))
     workers = min(num_processes, len(pairs))
-    threads = max(1, cpu_count() // workers)
+    threads = max(1, usable_cores() // workers)
     tasks = [CaseTask(case, ref_path, pred_path, tuple(labels) if labels else None, variants, threads)
              for case, ref_path, pred_path in pairs]
     results = _score_all(tasks, workers)

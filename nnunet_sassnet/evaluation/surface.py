@@ -6,26 +6,18 @@ fraction of its time.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Sequence
 
 import numpy as np
 from scipy import ndimage
 
 from nnunet_sassnet.evaluation.masks import bounding_box
+from nnunet_sassnet.nnunet_tools import usable_cores
 
-__all__ = ["cpu_count", "validate_spacing", "surface", "surface_distances"]
+__all__ = ["validate_spacing", "surface", "surface_distances"]
 
 SurfaceDistances = tuple[np.ndarray, np.ndarray]
 """(distances prediction surface -> reference surface, distances reference surface -> prediction surface)."""
-
-
-def cpu_count() -> int:
-    """CPUs this process may use (its affinity where the platform reports it)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not available on macOS / Windows
-        return max(1, os.cpu_count() or 1)
 
 
 def validate_spacing(spacing: float | Sequence[float] | None, ndim: int) -> np.ndarray | None:
@@ -102,7 +94,7 @@ def surface_distances(
     Raises:
         ValueError: a mask is empty.
     """
-    threads = threads or cpu_count()
+    threads = threads or usable_cores()
     box = bounding_box(pred | ref)
     if box is None or not pred.any() or not ref.any():
         raise ValueError("surface distances need two non-empty masks")
