@@ -288,6 +288,9 @@ def started_early(request, tmp_path_factory) -> dict[str, EarlyStart]:
                 return
             early.run_unless_taken()
 
+    # the base folder is made once, here: pytest makes it on first use without a lock, so a lane work and a
+    # fixture of the main thread that both asked first would each make one (and mktemp then fails)
+    tmp_path_factory.getbasetemp()
     threading.Thread(target=lane, name="test-lane", daemon=True).start()
     try:
         # works without needs first: the lane starts them while the main thread makes the others' fixtures
