@@ -306,7 +306,7 @@ def test_bad_input_is_one_line_and_writes_nothing(labeled_dataset, one_round, tm
     model_json["labels"]["class2"] = 2
     (other_labels / "dataset.json").write_text(json.dumps(model_json))
     cases = {
-        ("-d", "966", "-f", "0"): f"no unlabeled scans: {folder / 'imagesUnlabeled'} does not exist",
+        ("-d", "966", "-f", "0"): f"no unlabeled images: {folder / 'imagesUnlabeled'} does not exist; self-training ",
         ("-f", "0", "--teacher-model", str(tmp_path / "missing")): "folder not found",
         ("-f", "0", "--teacher-model", str(other_labels)): "its dataset.json has labels",
         ("-f", "0", "--student-dataset", "966"): "dataset ID 966 is taken",

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from nnunet_sassnet import nnunet_tools as tools
+from nnunet_sassnet.atomic_files import write_text_atomic
 
 from benchmarks.la_semisup.settings import Settings
 
@@ -127,8 +128,8 @@ class Supervisor:
             self.doc["elapsed_s"] = round(self.elapsed(), 2)
             if self.on_write is not None:
                 self.on_write()
-            write_atomic(self.s.output, json.dumps(self.doc, indent=2, allow_nan=False) + "\n")
-            write_atomic(self.s.output.with_suffix(".md"), self.doc.get("table", ""))
+            write_text_atomic(self.s.output, json.dumps(self.doc, indent=2, allow_nan=False) + "\n")
+            write_text_atomic(self.s.output.with_suffix(".md"), self.doc.get("table", ""))
 
     # ---- environment ----------------------------------------------------------------------------------
     def env(self, data_workers: int | None = None, results: Path | None = None, raw: Path | None = None,
@@ -200,11 +201,3 @@ class Supervisor:
             procs = list(self.processes.values())
         for proc in procs:
             tools.stop_process_group(proc)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` through a temporary file and a rename, so that no reader sees half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

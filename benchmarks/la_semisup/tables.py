@@ -229,6 +229,6 @@ def replace_between(path: Path, text: str, begin: str, end: str, body: str) -> b
         return False
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
-    from benchmarks.la_semisup.supervisor import write_atomic
-    write_atomic(path, f"{head}{begin}\n\n{body}\n{end}{tail}")
+    from nnunet_sassnet.atomic_files import write_text_atomic
+    write_text_atomic(path, f"{head}{begin}\n\n{body}\n{end}{tail}")
     return True

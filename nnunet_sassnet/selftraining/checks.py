@@ -40,12 +40,7 @@ def _check_ranges(args: argparse.Namespace) -> None:
 
 
 def _unlabeled_cases(raw_dataset: Path, dataset_json: dict) -> dict[str, list[str]]:
-    folder = raw_dataset / UNLABELED_IMAGES_FOLDER
-    if not folder.is_dir() or not any(p for p in folder.iterdir() if not p.name.startswith(".")):
-        raise UserInputError(f"no unlabeled scans: {folder} {'is empty' if folder.is_dir() else 'does not exist'}; "
-                             f"self-training pseudo-labels the scans there: put them there, named like imagesTr "
-                             f"(CASE_0000{dataset_json['file_ending']}, one file per channel)")
-    return list_unlabeled_cases(str(raw_dataset), dataset_json)
+    return list_unlabeled_cases(str(raw_dataset), dataset_json, needed_by="self-training pseudo-labels them")
 
 
 def _labeled_cases(raw_dataset: Path, dataset_json: dict, unlabeled: dict) -> dict[str, dict]:
@@ -123,7 +118,7 @@ def _check_trainers(args: argparse.Namespace, teacher: TrainedModel, dataset_jso
     for option, name, has_ignore in roles:
         trainer_class = find_trainer_class(name, option)
         if has_ignore and issubclass(trainer_class, nnUNetTrainerSDM):
-            why = (f"--ignore-below gives the student's dataset nnU-Net's ignore label" if not labeled_ignore
+            why = ("--ignore-below gives the student's dataset nnU-Net's ignore label" if not labeled_ignore
                    else f"{raw_dataset / 'dataset.json'} has an ignore label")
             fix = " or leave out --ignore-below" if not labeled_ignore else ""
             raise UserInputError(f"{option} {name}: this package's trainers (nnUNetTrainerSDM and its subclasses) "

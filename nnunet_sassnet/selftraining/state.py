@@ -9,28 +9,21 @@ never redoes a finished one; ``--force`` deletes the round and starts it again.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from nnunet_sassnet.atomic_files import write_json_atomic
 from nnunet_sassnet.errors import UserInputError
 
-__all__ = ["STATE_FILE", "STATE_FORMAT", "STEPS", "RoundState", "write_json_atomic", "find_rounds"]
+__all__ = ["STATE_FILE", "STATE_FORMAT", "STEPS", "RoundState", "find_rounds"]
 
 #: the record's name in the student's raw dataset folder
 STATE_FILE = "selftraining.json"
 STATE_FORMAT = 1
 #: the steps of a round, in order (``fine_tune`` only with a fine-tuning trainer)
 STEPS = ("teacher", "pseudo_labels", "dataset", "student", "fine_tune")
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Write ``value`` as JSON through a temporary file and a rename: a kill leaves the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from nnunet_sassnet.errors import UserInputError
 from nnunet_sassnet.selftraining.folders import link_file
-from nnunet_sassnet.selftraining.state import write_json_atomic
+from nnunet_sassnet.atomic_files import write_json_atomic
 
 __all__ = ["labeled_cases", "ignore_label_for", "student_dataset_json", "link_raw_dataset", "transfer_plans",
            "labeled_splits", "student_splits", "preprocess_student"]

@@ -25,18 +25,22 @@ def unlabeled_preprocessed_folder(preprocessed_dataset_folder_base: str, data_id
     return os.path.join(preprocessed_dataset_folder_base, data_identifier + "_unlabeled")
 
 
-def list_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> dict[str, list[str]]:
+def list_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict,
+                         needed_by: str = "the semi-supervised trainers learn from them") -> dict[str, list[str]]:
     """Map case identifier -> its channel files in ``imagesUnlabeled``, checked against dataset.json.
 
-    Raises :class:`UserInputError` for a missing or empty folder, files with another ending, and cases
-    with a missing or an extra channel file.
+    Raises :class:`UserInputError` for a missing or empty folder (its message says why the scans are needed:
+    ``needed_by``), files with another ending, and cases with a missing or an extra channel file.
     """
     folder = os.path.join(raw_dataset_folder, UNLABELED_IMAGES_FOLDER)
+    file_ending = dataset_json.get("file_ending", ".nii.gz")
+
+    def no_scans(state: str) -> UserInputError:
+        return UserInputError(f"no unlabeled images: {folder} {state}; {needed_by}: put the unlabeled scans there, "
+                              f"named like imagesTr (CASE_0000{file_ending}, one file per channel)")
+
     if not os.path.isdir(folder):
-        raise UserInputError(
-            f"no unlabeled images: {folder} does not exist. SASSNet learns from unlabeled scans; put them there, "
-            f"named like imagesTr (CASE_0000{dataset_json.get('file_ending', '.nii.gz')}, one file per channel)")
-    file_ending = dataset_json["file_ending"]
+        raise no_scans("does not exist")
     channels = dataset_json.get("channel_names", dataset_json.get("modality"))
     num_channels = len(channels)
     pattern = re.compile(r"(.+)_(\d{4})" + re.escape(file_ending) + r"$")
@@ -55,9 +59,7 @@ def list_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> dict[st
                 f"(the dataset's file_ending, a 4-digit channel index), like imagesTr. Rename or remove it")
         cases.setdefault(match.group(1), {})[int(match.group(2))] = path
     if not cases:
-        raise UserInputError(
-            f"no unlabeled images: {folder} is empty. Put the unlabeled scans there, named like imagesTr "
-            f"(CASE_0000{file_ending}, one file per channel)")
+        raise no_scans("is empty")
     result = {}
     for case, files in cases.items():
         expected = set(range(num_channels))

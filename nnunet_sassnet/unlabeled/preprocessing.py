@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from nnunet_sassnet.atomic_files import write_json_atomic
 from nnunet_sassnet.errors import UserInputError
 from nnunet_sassnet.unlabeled.cases import (STAMP_FILE, UNLABELED_IMAGES_FOLDER, compute_stamp, list_unlabeled_cases,
                                             unlabeled_data_is_current, unlabeled_preprocessed_folder)
@@ -246,10 +247,7 @@ class _Builder:
         folder with a stamp is complete."""
         content = {"stamp": self.stamp, "plans_identifier": self.plans_identifier,
                    "configuration": self.configuration, "num_cases": len(self.cases), "files": records}
-        tmp = os.path.join(folder, "." + STAMP_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(content, f, indent=2)
-        os.replace(tmp, os.path.join(folder, STAMP_FILE))
+        write_json_atomic(os.path.join(folder, STAMP_FILE), content)
 
 
 def _repair(store: VersionedFolder, build: _Builder, folder: str, cases: dict[str, list[str]],
