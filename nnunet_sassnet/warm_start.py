@@ -149,6 +149,12 @@ def _start_without_main(process) -> None:
         process.start()
     finally:
         spawn.get_preparation_data = original
+    # Only WarmProcess's own thread reads the command's exit status. multiprocessing's list of children would
+    # let any thread's next Process.start() read it too (its clean-up polls every child): when both read at once,
+    # one gets the status and the other end-of-file, which multiprocessing reports as exit status 255 and keeps.
+    children = getattr(multiprocessing.process, "_children", None)
+    if children is not None:
+        children.discard(process)
 
 
 def _run_entry(module: str, function: str, argv: list[str], env: dict[str, str], cwd: str | None, output) -> None:

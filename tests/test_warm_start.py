@@ -1,10 +1,12 @@
 """Commands started from the warm fork server behave like fresh processes of the same command."""
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import site
 import sys
+import threading
 import time
 
 import pytest
@@ -65,3 +67,23 @@ def test_warm_command_gets_the_trainer_folder_like_a_fresh_interpreter():
     result = tools.run_tool(["nnunet_sassnet_trainer_dir"], env)
     assert result.ok, result.tail
     assert result.tail[-1].strip() == trainer_dir()
+
+
+def test_commands_started_and_ended_from_several_threads_keep_their_exit_status():
+    """The suite starts commands from two threads at once (tests/conftest.py's lane): a command that ends while
+    another thread starts one still reports its own exit status (it was 255 for about one in ten)."""
+    statuses: list[int] = []
+
+    def start_commands() -> None:
+        for _ in range(20):
+            # gc.enable returns None at once: a command that exits 0 within milliseconds
+            process = warm_start.WarmProcess("gc", "enable", [], _warm_env(), None)
+            process.stdout.read()
+            statuses.append(process.wait(timeout=60))
+
+    threads = [threading.Thread(target=start_commands) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert statuses == [0] * 60, collections.Counter(statuses)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
+from nnunet_sassnet.atomic_files import write_text_atomic
 from nnunet_sassnet.errors import UserInputError
 
 from benchmarks.la_semisup.evidence import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, OPEN, SEEDS_REPORTED, evidence,
@@ -229,6 +230,5 @@ def replace_between(path: Path, text: str, begin: str, end: str, body: str) -> b
         return False
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
-    from nnunet_sassnet.atomic_files import write_text_atomic
     write_text_atomic(path, f"{head}{begin}\n\n{body}\n{end}{tail}")
     return True

@@ -15,10 +15,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from nnunet_sassnet.atomic_files import write_json_atomic
 from nnunet_sassnet.errors import UserInputError
 from nnunet_sassnet.selftraining.folders import NnunetFolders, dataset_id_of, student_dataset_name
 from nnunet_sassnet.selftraining.pseudo_labels import ConfidenceOptions, PredictorSettings, make_pseudo_labels
-from nnunet_sassnet.atomic_files import write_json_atomic
 from nnunet_sassnet.selftraining.state import STATE_FILE, RoundState, find_rounds
 from nnunet_sassnet.selftraining.student_dataset import (ignore_label_for, labeled_splits, link_raw_dataset,
                                                          preprocess_student, student_dataset_json, student_splits,
