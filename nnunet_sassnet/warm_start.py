@@ -104,6 +104,14 @@ class WarmProcess:
                                                                   None if cwd is None else str(cwd), write))
         with _lock:
             _start_without_main(self._process)
+        # Only the reaper thread below reads the command's exit status. multiprocessing's list of children would let
+        # any thread's next Process.start() read it too (its clean-up polls every child): when both read at once, one
+        # gets the status and the other end-of-file, which multiprocessing reports as exit status 255 and keeps.
+        # Out of that list, a running command no longer holds up the interpreter's exit; run_tool stops the commands
+        # it leaves behind.
+        children = getattr(multiprocessing.process, "_children", None)
+        if children is not None:
+            children.discard(self._process)
         write.close()  # the command (and the processes it starts) hold the only writing ends now
         self.stdout = os.fdopen(os.dup(read.fileno()), "rb")
         read.close()
@@ -149,12 +157,6 @@ def _start_without_main(process) -> None:
         process.start()
     finally:
         spawn.get_preparation_data = original
-    # Only WarmProcess's own thread reads the command's exit status. multiprocessing's list of children would
-    # let any thread's next Process.start() read it too (its clean-up polls every child): when both read at once,
-    # one gets the status and the other end-of-file, which multiprocessing reports as exit status 255 and keeps.
-    children = getattr(multiprocessing.process, "_children", None)
-    if children is not None:
-        children.discard(process)
 
 
 def _run_entry(module: str, function: str, argv: list[str], env: dict[str, str], cwd: str | None, output) -> None:
