@@ -367,6 +367,31 @@ def test_damage_found_while_training_is_named_left_out_and_repaired(dataset_copy
     assert case_files(folder) == written and not list(folder.glob("*.damaged"))
 
 
+def test_damage_after_a_case_was_read_is_found_on_its_next_read(dataset_copy, monkeypatch, capfd):
+    """Garbage written into a .b2nd and a .pkl after the loader has read every case: found on the next read (blosc2
+    decodes the garbled .b2nd without an error), named once, left out; the loader keeps running."""
+    use_in_process(dataset_copy, monkeypatch)
+    prepare()
+    trainer = smoke_trainer()
+    trainer._ensure_unlabeled_data()
+    folder = Path(trainer.unlabeled_preprocessed_folder)
+    loader = trainer._unlabeled_dataloader()
+    try:
+        drawn = {key for _ in range(30) for key in next(loader)["keys"]}
+        assert drawn == {"un000", "un001", "un002", "un003"}
+        overwrite_middle(folder / "un001.b2nd")
+        overwrite_middle(folder / "un002.pkl")
+        drawn = {key for _ in range(30) for key in next(loader)["keys"]}
+    finally:
+        trainer._unlabeled_data.release()
+    assert drawn == {"un000", "un003"}
+    log = Path(trainer.log_file).read_text()
+    for case, name in (("un001", "un001.b2nd"), ("un002", "un002.pkl")):
+        assert log.count(f"Unlabeled case {case} in {folder} is damaged ({name}: content differs") == 1, log
+    assert "Traceback" not in "".join(capfd.readouterr())
+    assert sorted(p.name for p in folder.glob("*.damaged")) == ["un001.damaged", "un002.damaged"]
+
+
 def test_deleted_lease_file_does_not_let_a_version_in_use_be_deleted(dataset_copy, monkeypatch):
     """A lease file removed by hand while a run reads its version, then a new scan: the version is kept."""
     ds = dataset_copy

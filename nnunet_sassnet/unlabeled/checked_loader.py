@@ -1,7 +1,8 @@
 """nnU-Net's data loader and augmenters for the unlabeled patch stream, with two additions, each one overridden hook.
 
-* The loader checks a case against its stamp file's SHA-256 the first time it samples it (in each augmentation
-  process) and leaves a damaged or unreadable case out of the run, named in the training log and noted for repair
+* The loader checks a case against its stamp file's SHA-256 each time it samples it, just before nnU-Net reads it
+  (damage written after a first read is found as well; blosc2 decodes a garbled file without an error) and leaves
+  a damaged or unreadable case out of the run, named in the training log and noted for repair
   (see :mod:`~nnunet_sassnet.unlabeled.integrity`): one bad file neither reaches the network nor kills nnU-Net's
   worker processes ("background workers are no longer alive").
 * The augmenter stops the run with one line when the version it reads is deleted (by hand: nnunet_sassnet keeps a
@@ -62,21 +63,21 @@ class UnlabeledDataset(nnUNetDatasetBlosc2):
 
 
 class CheckedDataLoader(nnUNetDataLoader):
-    """nnU-Net's data loader that checks each case on its first use and leaves a damaged one out (see the module)."""
+    """nnU-Net's data loader that checks each case whenever it is drawn and leaves a damaged one out (see the
+    module; its cost per read is measured in ``benchmarks/unlabeled_check_cost.py``)."""
 
     def __init__(self, *args, log_file: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.log_file = log_file
         self.folder = self._data.source_folder
         self._records = load_records(self.folder)
-        self._checked: set[str] = set()
 
     def get_indices(self):
         while True:
             keys = super().get_indices()
             if not os.path.isdir(self.folder):
                 return keys  # the version is gone: the augmenter stops the run
-            damaged = [k for k in dict.fromkeys(keys) if k not in self._checked and not self._passes_check(k)]
+            damaged = [k for k in dict.fromkeys(keys) if not self._passes_check(k)]
             if not damaged:
                 return keys
 
@@ -86,7 +87,6 @@ class CheckedDataLoader(nnUNetDataLoader):
             self._records = load_records(self.folder)
             problem = check_case(self.folder, case, self._records)
         if problem is None:
-            self._checked.add(case)
             return True
         # a list of its own: nnU-Net's loader samples from self.indices, the dataset keeps its identifiers
         self.indices = [k for k in self.indices if k != case]

@@ -5,8 +5,9 @@ a SHA-256 of a few sampled blocks (:func:`case_records`). Two checks use them:
 
 * before training (:func:`damaged_cases`): sizes, the sampled blocks and the damage notes left by training runs.
   A few small reads per file, whatever its size: cheap enough for every training start, even with 1,000 cases;
-* while training, the first time a process of the data loader reads a case (:func:`check_case`): the whole
-  content against its SHA-256, so that damage anywhere in a file is found before the case is trained on. A case
+* while training, each time the data loader draws a case, just before nnU-Net reads it (:func:`check_case`): the
+  whole content against its SHA-256, so that damage anywhere in a file, also damage written after the case was
+  read once, is found before the case is trained on (blosc2 decodes a garbled file without an error). A case
   that fails is left out of that run and noted for repair (:func:`note_damaged`): a ``<case>.damaged`` file in
   the version, which the next preprocessing run (a training's start or ``nnunet_sassnet_preprocess_unlabeled``)
   reads, preprocesses the case again and removes.
