@@ -392,6 +392,65 @@ def test_damage_after_a_case_was_read_is_found_on_its_next_read(dataset_copy, mo
     assert sorted(p.name for p in folder.glob("*.damaged")) == ["un001.damaged", "un002.damaged"]
 
 
+def test_labeled_cases_in_imagesUnlabeled_are_left_out_for_every_fold(dataset_copy, monkeypatch):
+    """Fold 0's validation case copied into imagesUnlabeled under another name (written again: other bytes, same
+    voxels), a training case under its own name: both left out before preprocessing, said once."""
+    import SimpleITK as sitk
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    from nnunet_sassnet.unlabeled.labeled_copies import find_labeled_copies
+
+    ds = dataset_copy
+    use_in_process(ds, monkeypatch)
+    trainer = get_trainer_from_args("990", "3d_fullres", 0, "nnUNetTrainerSASSNet_smoke", SMALL_PLANS,
+                                    device=torch.device("cpu"))
+    train_keys, val_keys = trainer.do_split()
+    unlabeled = ds["raw"] / "imagesUnlabeled"
+    sitk.WriteImage(sitk.ReadImage(str(ds["raw"] / "imagesTr" / f"{val_keys[0]}_0000.nii.gz")),
+                    str(unlabeled / "scanX_0000.nii.gz"), useCompression=True, compressionLevel=9)
+    shutil.copy(ds["raw"] / "imagesTr" / f"{train_keys[0]}_0000.nii.gz", unlabeled / f"{train_keys[0]}_0000.nii.gz")
+    assert find_labeled_copies(str(ds["raw"])) == {"scanX": val_keys[0], train_keys[0]: train_keys[0]}
+    data, log = prepare()
+    assert log.count("that are labeled cases") == 1, log
+    assert (f"scanX (same voxels as imagesTr case {val_keys[0]}), {train_keys[0]} (same name as imagesTr case "
+            f"{train_keys[0]})") in log, log
+    assert sorted(p.name for p in Path(data.folder).glob("*.pkl")) == [f"un00{i}.pkl" for i in range(4)]
+
+
+def _write_stored_gzip(path: Path, content: bytes) -> None:
+    """``content`` gzipped without compression and with no time in its header: the size follows the content's."""
+    import gzip
+
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=0, mtime=0) as f:
+        f.write(content)
+
+
+def test_raw_scan_replaced_with_its_size_and_time_kept_is_preprocessed_again(dataset_copy, monkeypatch):
+    """``cp -p`` / ``rsync -t`` of another scan of the same size: the stamp follows the content."""
+    import gzip
+
+    import nibabel
+
+    use_in_process(dataset_copy, monkeypatch)
+    scan = dataset_copy["raw"] / "imagesUnlabeled" / "un000_0000.nii.gz"
+    content = gzip.decompress(scan.read_bytes())
+    _write_stored_gzip(scan, content)
+    data, _ = prepare()
+    written = case_files(data.folder)["un000.b2nd"]
+    before = scan.stat()
+    header = nibabel.load(scan).header
+    itemsize = header.get_data_dtype().itemsize
+    voxels_at = len(content) - int(np.prod(header.get_data_shape())) * itemsize  # the voxels end the file
+    voxels = np.frombuffer(content[voxels_at:], np.uint8).reshape(-1, itemsize)
+    _write_stored_gzip(scan, content[:voxels_at] + voxels[::-1].tobytes())  # the voxels in reverse order
+    os.utime(scan, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert scan.stat().st_size == before.st_size and scan.stat().st_mtime_ns == before.st_mtime_ns
+    again, log = prepare()
+    assert "preprocessing 4 unlabeled cases now" in log, log
+    assert case_files(again.folder)["un000.b2nd"] != written
+    assert "up to date (4 cases)" in prepare()[1]
+
+
 def test_deleted_lease_file_does_not_let_a_version_in_use_be_deleted(dataset_copy, monkeypatch):
     """A lease file removed by hand while a run reads its version, then a new scan: the version is kept."""
     ds = dataset_copy

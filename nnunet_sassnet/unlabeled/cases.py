@@ -11,13 +11,34 @@ from nnunet_sassnet.errors import UserInputError
 UNLABELED_IMAGES_FOLDER = "imagesUnlabeled"
 STAMP_FILE = "sassnet_unlabeled_stamp.json"
 #: changes when the preprocessed data or its stamp file change form: data of another form is preprocessed again
-STAMP_FORMAT = 2
+#: (3: the stamp follows the input files' content, not their modification time)
+STAMP_FORMAT = 3
 
 #: the files nnU-Net's blosc2 dataset keeps per case
 CASE_FILE_SUFFIXES = (".b2nd", "_seg.b2nd", ".pkl")
 
 __all__ = ["UNLABELED_IMAGES_FOLDER", "STAMP_FILE", "CASE_FILE_SUFFIXES", "unlabeled_preprocessed_folder",
-           "list_unlabeled_cases", "compute_stamp", "unlabeled_data_is_current"]
+           "read_raw_dataset_json", "list_unlabeled_cases", "compute_stamp", "unlabeled_data_is_current"]
+
+
+def read_raw_dataset_json(raw_dataset_folder: str) -> dict:
+    """``nnUNet_raw/DatasetXXX/dataset.json``, read; a missing file or one that is not a JSON object is refused
+    with one line naming it."""
+    path = os.path.join(raw_dataset_folder, "dataset.json")
+    fix = "write it as nnU-Net's dataset_format.md describes (channel_names, labels, numTraining, file_ending)"
+    try:
+        with open(path) as f:
+            content = json.load(f)
+    except FileNotFoundError:
+        raise UserInputError(f"{path} not found: every dataset in nnUNet_raw has one; {fix}") from None
+    except json.JSONDecodeError as e:
+        raise UserInputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); fix the "
+                             f"file: {fix}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserInputError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e}); {fix}") from None
+    if not isinstance(content, dict):
+        raise UserInputError(f"{path}: holds a JSON {type(content).__name__}, not an object; {fix}")
+    return content
 
 
 def unlabeled_preprocessed_folder(preprocessed_dataset_folder_base: str, data_identifier: str) -> str:
@@ -60,6 +81,13 @@ def list_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict,
         cases.setdefault(match.group(1), {})[int(match.group(2))] = path
     if not cases:
         raise no_scans("is empty")
+    # nnU-Net's blosc2 dataset stores case X's mask as X_seg.b2nd: a case named X_seg would overwrite it
+    for case in cases:
+        if case.endswith("_seg") and case[:-len("_seg")] in cases:
+            raise UserInputError(
+                f"{os.path.join(folder, case)}_0000{file_ending}: the case name {case} clashes with case "
+                f"{case[:-len('_seg')]} (nnU-Net stores that case's mask as {case}.b2nd); rename it, e.g. without "
+                f"the _seg ending")
     result = {}
     for case, files in cases.items():
         expected = set(range(num_channels))
@@ -78,14 +106,17 @@ def list_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict,
     return result
 
 
-def compute_stamp(plans: dict, configuration_name: str, dataset_json: dict, cases: dict[str, list[str]]
-                  ) -> str:
+def compute_stamp(plans: dict, configuration_name: str, dataset_json: dict, cases: dict[str, list[str]],
+                  fingerprints=None) -> str:
     """Hash of everything the preprocessed unlabeled data depends on.
 
     The plans (the configuration as resolved, and the plan-wide settings it reads: transposition,
-    intensity statistics, reader), dataset.json, the input files (names, sizes, modification times) and
-    :data:`STAMP_FORMAT`.
+    intensity statistics, reader), dataset.json, the input files (names and the SHA-256 of their content, from
+    ``fingerprints``, a :class:`~nnunet_sassnet.unlabeled.raw_fingerprints.FingerprintCache`; one kept in memory
+    when None) and :data:`STAMP_FORMAT`.
     """
+    from nnunet_sassnet.unlabeled.raw_fingerprints import FingerprintCache
+
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     plans_manager = PlansManager(plans)
@@ -96,11 +127,9 @@ def compute_stamp(plans: dict, configuration_name: str, dataset_json: dict, case
         "foreground_intensity_properties_per_channel": plans.get("foreground_intensity_properties_per_channel"),
         "image_reader_writer": plans.get("image_reader_writer"),
     }
-    files = []
-    for case in sorted(cases):
-        for path in cases[case]:
-            st = os.stat(path)
-            files.append([os.path.basename(path), st.st_size, int(st.st_mtime)])
+    fingerprints = fingerprints if fingerprints is not None else FingerprintCache(None)
+    files = [[os.path.basename(path), fingerprints.content_sha256(path)]
+             for case in sorted(cases) for path in cases[case]]
     payload = json.dumps({"plans": relevant_plans, "dataset_json": dataset_json, "files": files,
                           "format": STAMP_FORMAT}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()

@@ -25,6 +25,8 @@ from nnunet_sassnet.errors import UserInputError
 from nnunet_sassnet.unlabeled.cases import (STAMP_FILE, UNLABELED_IMAGES_FOLDER, compute_stamp, list_unlabeled_cases,
                                             unlabeled_data_is_current, unlabeled_preprocessed_folder)
 from nnunet_sassnet.unlabeled.image_checks import check_normalised, read_case_images
+from nnunet_sassnet.unlabeled.labeled_copies import describe_labeled_copies, find_labeled_copies
+from nnunet_sassnet.unlabeled.raw_fingerprints import fingerprint_cache_for
 from nnunet_sassnet.unlabeled.integrity import case_records, clear_damage_notes, damaged_cases, load_records
 from nnunet_sassnet.versioned_folder import Lease, VersionedFolder
 
@@ -143,7 +145,10 @@ def ensure_preprocessed(dataset_name_or_id: str | int, configuration: str = "3d_
     raw_folder, base, plans, dataset_json = _load_dataset(dataset_name_or_id, configuration, plans_identifier)
     data_identifier = PlansManager(plans).get_configuration(configuration).data_identifier
     cases = list_unlabeled_cases(raw_folder, dataset_json)
-    stamp = compute_stamp(plans, configuration, dataset_json, cases)
+    fingerprints = fingerprint_cache_for(raw_folder)
+    cases = _without_labeled_copies(raw_folder, cases, fingerprints, log)
+    stamp = compute_stamp(plans, configuration, dataset_json, cases, fingerprints)
+    fingerprints.save()
     store = VersionedFolder(unlabeled_preprocessed_folder(base, data_identifier))
     if not store.writable():
         command = (f"nnunet_sassnet_preprocess_unlabeled -d {dataset_name_or_id} -c {configuration} "
@@ -184,6 +189,22 @@ def ensure_preprocessed(dataset_name_or_id: str | int, configuration: str = "3d_
             log(f"Unlabeled data: this run cannot lease {folder}: {held.why_not}")
         _report_removed(store, log)  # the version just replaced, unless a run still reads it
     return UnlabeledData(folder=folder, num_cases=len(cases), store=store, lease=held)
+
+
+def _without_labeled_copies(raw_folder: str, cases: dict[str, list[str]], fingerprints, log: Callable[[str], None]
+                            ) -> dict[str, list[str]]:
+    """``cases`` less those that are labeled cases (see :mod:`~nnunet_sassnet.unlabeled.labeled_copies`), said
+    in one line of ``log``."""
+    copies = find_labeled_copies(raw_folder, list(cases), fingerprints)
+    if not copies:
+        return cases
+    log(describe_labeled_copies(raw_folder, copies))
+    kept = {case: files for case, files in cases.items() if case not in copies}
+    if not kept:
+        folder = os.path.join(raw_folder, UNLABELED_IMAGES_FOLDER)
+        raise UserInputError(f"{folder}: every scan there is a case of imagesTr (by name or by voxels); a labeled "
+                             f"case is never unlabeled data: put scans without labels there")
+    return kept
 
 
 def _use_as_it_is(store: VersionedFolder, cases: dict[str, list[str]], stamp: str, lease: bool,
