@@ -135,12 +135,14 @@ BAD_INPUTS = {
     "2D image in a 3D dataset": (lambda ds: sitk.WriteImage(
         sitk.GetImageFromArray(np.ones((24, 24), np.float32)), str(ds["raw"] / "imagesUnlabeled" / "un003_0000.nii.gz")),
         [], ["un003_0000.nii.gz", "3D"]),
-    "4D image": (lambda ds: sitk.WriteImage(sitk.GetImageFromArray(np.ones((2, 24, 24, 24), np.float32)),
+    "4D image": (lambda ds: sitk.WriteImage(sitk.GetImageFromArray(np.ones((2, 24, 24, 24), np.float32),
+                                                                   isVector=False),
                                             str(ds["raw"] / "imagesUnlabeled" / "un001_0000.nii.gz")),
-                 [], ["un001_0000.nii.gz", "read as 2 channels", "split it"]),
+                 [], ["un001_0000.nii.gz: a 4D image: 2 volumes of 24 x 24 x 24 voxels", "split it"]),
     "vector image (2 components)": (lambda ds: sitk.WriteImage(
         sitk.GetImageFromArray(np.ones((24, 24, 24, 2), np.float32), isVector=True),
-        str(ds["raw"] / "imagesUnlabeled" / "un001_0000.nii.gz")), [], ["un001_0000.nii.gz", "components per voxel"]),
+        str(ds["raw"] / "imagesUnlabeled" / "un001_0000.nii.gz")), [],
+        ["un001_0000.nii.gz: a vector image: 2 components per voxel on a 24 x 24 x 24 grid", "split it"]),
     "NaN and Inf voxels": (lambda ds: change_voxels(ds, "un001", nan_and_inf), [],
                            ["un001_0000.nii.gz", "9 of 13824 voxels are NaN or infinite"]),
     "values too large for the normalisation": (
@@ -148,6 +150,12 @@ BAD_INPUTS = {
         [], ["un001_0000.nii.gz", "become NaN or infinite in the plan's ZScoreNormalization", "rescale"]),
     "truncated .nii.gz": (lambda ds: cut_in_half(ds["raw"] / "imagesUnlabeled" / "un001_0000.nii.gz"),
                           [], ["un001_0000.nii.gz", "truncated or corrupt"]),
+    "values x 1e20 (finite in float32)": (
+        lambda ds: change_voxels(ds, "un001", lambda a: (a.astype(np.float64) * 1e20).astype(np.float32)),
+        [], ["un001_0000.nii.gz", "every voxel becomes 0 in the plan's ZScoreNormalization", "rescale"]),
+    "case names x and x_seg": (lambda ds: shutil.copy(ds["raw"] / "imagesUnlabeled" / "un002_0000.nii.gz",
+                                                      ds["raw"] / "imagesUnlabeled" / "un001_seg_0000.nii.gz"),
+                               [], ["un001_seg_0000.nii.gz", "clashes with case un001", "rename"]),
     "dangling link": (lambda ds: (ds["raw"] / "imagesUnlabeled" / "un009_0000.nii.gz").symlink_to(
         ds["root"] / "no_such_scan.nii.gz"), [], ["un009_0000.nii.gz", "does not exist", "fix the link"]),
 }
@@ -273,3 +281,31 @@ def test_ignore_label_and_cascade_are_not_implemented(dataset_copy, monkeypatch)
                                     device=torch.device("cpu"))
     with pytest.raises(NotImplementedError, match="cascade"):
         trainer.initialize()
+
+
+HUGE_HEADER_CHECK = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (4 * 1024 ** 3, 4 * 1024 ** 3))  # a 4 GB memory limit
+from nnunet_sassnet.errors import run_cli
+from nnunet_sassnet.unlabeled.image_checks import check_nifti_file
+sys.exit(run_cli(lambda: check_nifti_file(sys.argv[1]) or 0))
+"""
+
+
+def test_header_that_claims_more_than_the_memory_is_named_as_such(tmp_path, monkeypatch):
+    """A .nii.gz whose header claims 1200^3 float32 voxels, read under a 4 GB memory limit."""
+    import gzip
+    import os
+    import sys
+
+    import nibabel
+
+    header = nibabel.Nifti1Header()
+    header.set_data_shape((1200, 1200, 1200))
+    header.set_data_dtype(np.float32)
+    path = tmp_path / "huge_0000.nii.gz"
+    path.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4 + np.ones(1000, np.float32).tobytes()))
+    result = subprocess.run([sys.executable, "-c", HUGE_HEADER_CHECK, str(path)], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert_refused(result, "huge_0000.nii.gz: its header declares 1200 x 1200 x 1200 float32 voxels (6.4 GiB), "
+                           "more than this process may allocate")

@@ -334,6 +334,19 @@ def test_same_size_garbage_is_found_before_training_and_repaired(dataset_copy, m
     assert "up to date (4 cases)" in prepare()[1]
 
 
+def test_preprocessed_file_replaced_by_a_folder_is_repaired(dataset_copy, monkeypatch):
+    use_in_process(dataset_copy, monkeypatch)
+    data, _ = prepare()
+    written = case_files(data.folder)
+    target = Path(data.folder, "un000.b2nd")
+    target.unlink()
+    (target / "inside").mkdir(parents=True)
+    again, log = prepare()
+    assert "damaged case un000 (un000.b2nd: a folder, not a file): preprocessing 1 case(s) again" in log, log
+    assert case_files(again.folder) == written
+    assert "up to date (4 cases)" in prepare()[1]
+
+
 def test_damage_found_while_training_is_named_left_out_and_repaired(dataset_copy, monkeypatch):
     """Damage after the training's start: named in the training log, left out, the loader's worker process keeps
     running; the next preprocessing run (no --force) preprocesses the case again."""

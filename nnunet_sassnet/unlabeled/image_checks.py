@@ -33,9 +33,16 @@ def check_nifti_file(path: str) -> None:
     and NaN or infinite voxels, which SimpleITK would read as zeros."""
     import nibabel
 
+    declared = None
     try:
         image = nibabel.load(path)
+        declared = _declared_voxels(image.header)
         voxels = np.asarray(image.dataobj.get_unscaled())  # reads and decompresses the whole file
+    except MemoryError as e:
+        raise UserInputError(
+            f"{path}: its header declares {declared or 'more voxels'}, more than this process may allocate: a "
+            f"corrupt header, or a scan too large for this machine; replace the file, crop or resample the scan, "
+            f"or run with more memory") from e
     except Exception as e:  # nibabel and gzip raise many types for a damaged file
         raise UserInputError(f"{path}: could not read this image: truncated or corrupt ({short_reason(e)}); "
                              f"replace the file (write or copy it again) or remove the case") from e
@@ -43,6 +50,34 @@ def check_nifti_file(path: str) -> None:
         finite = np.isfinite(voxels)
         if not finite.all():
             raise _non_finite_error(path, finite)
+
+
+def _declared_voxels(header) -> str:
+    """What a NIfTI header says the file holds, e.g. "1200 x 1200 x 1200 float32 voxels (6.4 GiB)"."""
+    shape = tuple(int(n) for n in header.get_data_shape())
+    dtype = header.get_data_dtype()
+    size = float(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    return f"{' x '.join(map(str, shape))} {dtype} voxels ({size / 1024 ** 3:.1f} GiB)"
+
+
+def _what_the_file_holds(path: str) -> str | None:
+    """A 4D or vector image described from its header (SimpleITK, without reading the voxels), else None."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    size = reader.GetSize()
+    components = reader.GetNumberOfComponents()
+    grid = " x ".join(str(n) for n in reversed(size[:3]))  # SimpleITK's (x, y, z) as the array's (z, y, x)
+    if components > 1:
+        return f"a vector image: {components} components per voxel on a {grid} grid"
+    if len(size) == 4:
+        return f"a 4D image: {size[3]} volumes of {grid} voxels"
+    return None
 
 
 def read_case_images(reader, image_files: list[str], dataset_is_2d: bool) -> tuple[np.ndarray, dict]:
@@ -85,10 +120,11 @@ def _diagnose(reader, image_files: list[str], error: Exception | None) -> UserIn
             return UserInputError(f"{path}: could not read this image ({short_reason(e)}); replace or remove "
                                   f"the case")
         if image.ndim != 4 or image.shape[0] != 1:
+            holds = _what_the_file_holds(path) or f"read as {image.shape[0]} channels (array shape " \
+                                                  f"{tuple(image.shape)})"
             return UserInputError(
-                f"{path}: read as {image.shape[0]} channels (array shape {tuple(image.shape)}): a 4D image, or one "
-                f"with several components per voxel; each file holds one channel, as in imagesTr: split it into "
-                f"CASE_0000, CASE_0001, ... as dataset.json declares, or remove the case")
+                f"{path}: {holds}; each file holds one channel of one 3D (or 2D) image, as in imagesTr: split it "
+                f"into CASE_0000, CASE_0001, ... as dataset.json declares, or remove the case")
         spacing = tuple(float(s) for s in properties["spacing"])
         if first is None:
             first = (os.path.basename(path), image.shape[1:], spacing)
@@ -103,9 +139,13 @@ def _diagnose(reader, image_files: list[str], error: Exception | None) -> UserIn
                           f"{', '.join(os.path.basename(p) for p in image_files)}")
 
 
-def check_normalised(data: np.ndarray, image_files: list[str], largest: list[float], schemes: list[str]) -> None:
-    """Refuse a case whose preprocessed channels hold NaN or infinite values (``largest``: each input channel's
-    largest magnitude, ``schemes``: the plan's normalisation per channel)."""
+def check_normalised(data: np.ndarray, image_files: list[str], largest: list[float], schemes: list[str],
+                     varies: list[bool] | None = None) -> None:
+    """Refuse a case that the plan's normalisation destroyed: preprocessed channels holding NaN or infinite values,
+    or a constant channel made from one whose values vary (statistics that overflowed: a z-score's standard
+    deviation of values near 1e20 is infinite in float32, and every voxel becomes 0). ``largest``: each input
+    channel's largest magnitude; ``schemes``: the plan's normalisation per channel; ``varies``: whether each input
+    channel holds more than one value."""
     for c, path in enumerate(image_files):
         finite = np.isfinite(data[c])
         if not finite.all():
@@ -113,3 +153,9 @@ def check_normalised(data: np.ndarray, image_files: list[str], largest: list[flo
                 f"{path}: {int(finite.size - finite.sum())} of {finite.size} voxels become NaN or infinite in the "
                 f"plan's {schemes[c]} (largest magnitude in the image {largest[c]:.3g}: too large for float32 "
                 f"arithmetic); rescale the image or remove the case")
+        if varies is not None and varies[c] and data[c].size and float(data[c].min()) == float(data[c].max()):
+            raise UserInputError(
+                f"{path}: the image's values vary, but every voxel becomes {float(data[c].min()):g} in the plan's "
+                f"{schemes[c]} (largest magnitude in the image {largest[c]:.3g}: its statistics overflow float32, "
+                f"or only one value is left after cropping to the nonzero region); rescale the image or remove the "
+                f"case")

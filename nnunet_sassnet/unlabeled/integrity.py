@@ -81,6 +81,8 @@ def load_records(folder: str) -> dict[str, dict]:
 def _size_problem(path: str, record: dict | None) -> str | None:
     if record is None:
         return "not recorded in the stamp file"
+    if os.path.isdir(path):
+        return "a folder, not a file"
     try:
         size = os.path.getsize(path)
     except OSError:

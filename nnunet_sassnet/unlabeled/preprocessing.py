@@ -50,10 +50,11 @@ def _preprocess_one_case(output_filename_truncated: str, image_files: list[str],
     # kind the dataset has
     dataset_is_2d = plans["original_median_shape_after_transp"][0] == 1
     images, image_properties = read_case_images(reader, image_files, dataset_is_2d)
-    largest = [max(abs(float(channel.min())), abs(float(channel.max()))) for channel in images]
+    extremes = [(float(channel.min()), float(channel.max())) for channel in images]
     data, seg, properties = preprocessor.run_case_npy(images, None, image_properties, plans_manager,
                                                       configuration_manager, dataset_json)
-    check_normalised(data, image_files, largest, configuration_manager.normalization_schemes)
+    check_normalised(data, image_files, [max(abs(lo), abs(hi)) for lo, hi in extremes],
+                     configuration_manager.normalization_schemes, varies=[lo != hi for lo, hi in extremes])
     label_manager = plans_manager.get_label_manager(dataset_json)
     keys = label_manager.foreground_regions if label_manager.has_regions else label_manager.foreground_labels
     # nnU-Net's loader reads class_locations for every case; an unlabeled case has none
@@ -282,7 +283,10 @@ def _repair(store: VersionedFolder, build: _Builder, folder: str, cases: dict[st
             repaired = case_records(build_folder, cases)
             # a run reading the version meanwhile opens the old file or the new one, never a partial one
             for name in os.listdir(build_folder):
-                os.replace(os.path.join(build_folder, name), os.path.join(folder, name))
+                target = os.path.join(folder, name)
+                if os.path.isdir(target) and not os.path.islink(target):
+                    shutil.rmtree(target)  # a folder where the file belongs (made by hand): no rename replaces it
+                os.replace(os.path.join(build_folder, name), target)
             build.write_stamp(folder, {**records, **repaired})
             clear_damage_notes(folder, cases)
     finally:
