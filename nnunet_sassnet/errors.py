@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 from typing import Callable
 
 
@@ -30,6 +31,10 @@ def run_cli(main: Callable[[], int]) -> int:
         return 2
 
 
+def _quiet_after_the_error(args) -> None:
+    """``threading.excepthook`` once a :class:`UserInputError` has been reported and the process is ending."""
+
+
 def install_excepthook() -> None:
     """Print an uncaught :class:`UserInputError` as one ``error: ...`` line instead of a traceback.
 
@@ -43,6 +48,10 @@ def install_excepthook() -> None:
     def hook(exc_type, exc, tb):
         if issubclass(exc_type, UserInputError):
             print(f"error: {exc.one_line()}", file=sys.stderr)
+            # the process ends now: nnU-Net's augmenters' background threads, which see their worker processes
+            # stopped at exit ("One or more background workers are no longer alive"), would each add a traceback
+            # after the one line
+            threading.excepthook = _quiet_after_the_error
         else:
             previous(exc_type, exc, tb)
 

@@ -504,6 +504,36 @@ def test_version_deleted_by_hand_while_training_stops_the_run_with_one_line(data
     assert "Traceback" not in output.out + output.err
 
 
+VERSION_DELETED_WHILE_TRAINING = """
+import shutil, torch
+from nnunetv2.run.run_training import get_trainer_from_args
+
+trainer = get_trainer_from_args("990", "3d_fullres", "all", "nnUNetTrainerSASSNet_smoke", "%s",
+                                device=torch.device("cpu"))
+trainer.initialize()
+trainer._ensure_unlabeled_data()
+loader = trainer._unlabeled_dataloader()
+next(loader)
+shutil.rmtree(trainer.unlabeled_preprocessed_folder)
+while True:
+    next(loader)
+""" % SMALL_PLANS
+
+
+def test_version_deleted_while_training_ends_the_process_with_one_line(dataset_copy, monkeypatch):
+    """As nnUNetv2_train ends: the uncaught error is one line, the augmenter's background thread (whose worker
+    processes stop at exit) adds no traceback."""
+    use_in_process(dataset_copy, monkeypatch)
+    prepare()  # here, not by 2 spawned processes in the child (10 s of imports each)
+    env = {**dataset_copy["env"], "nnUNet_n_proc_DA": "2", "PYTHONPATH": str(Path(__file__).parents[1])}
+    result = subprocess.run([sys.executable, "-c", VERSION_DELETED_WHILE_TRAINING], env=env, capture_output=True,
+                            text=True, timeout=WAIT_S)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "was deleted while it trained" in errors[0], result.stderr
+
+
 # ---- a shared or read-only nnUNet_preprocessed -----------------------------------------------------------------
 def _drop_permission_override() -> None:
     """Clear CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH and CAP_FOWNER (bits 1 to 3) from this process: root then obeys
