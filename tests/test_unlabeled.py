@@ -309,3 +309,17 @@ def test_header_that_claims_more_than_the_memory_is_named_as_such(tmp_path, monk
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     assert_refused(result, "huge_0000.nii.gz: its header declares 1200 x 1200 x 1200 float32 voxels (6.4 GiB), "
                            "more than this process may allocate")
+
+
+def test_selftraining_with_a_raw_dataset_json_that_is_not_json_is_one_line(dataset_copy, monkeypatch, capsys):
+    from nnunet_sassnet.selftraining.cli import main
+
+    ds = dataset_copy
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(key, ds["env"][key])
+    dataset_json = ds["raw"] / "dataset.json"
+    dataset_json.write_text(dataset_json.read_text().rstrip().rstrip("}"))  # the closing brace lost
+    capsys.readouterr()
+    code = main(["-d", "990", "-c", "3d_fullres", "-p", SMALL_PLANS, "-f", "0", "-device", "cpu"])
+    result = subprocess.CompletedProcess([], code, *capsys.readouterr())
+    assert_refused(result, f"{dataset_json}: not valid JSON (", "line", "fix the file")

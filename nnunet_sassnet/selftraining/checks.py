@@ -14,6 +14,7 @@ from nnunet_sassnet.selftraining.state import RoundState
 from nnunet_sassnet.selftraining.student_dataset import ignore_label_for, labeled_cases, labeled_splits
 from nnunet_sassnet.selftraining.training import TrainedModel, find_trainer_class, model_folder
 from nnunet_sassnet.unlabeled.cases import UNLABELED_IMAGES_FOLDER, list_unlabeled_cases
+from nnunet_sassnet.unlabeled.cases import read_raw_dataset_json
 
 __all__ = ["build_recipe"]
 
@@ -187,7 +188,7 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
     folders = NnunetFolders.from_environment()
     dataset = folders.dataset_name(args.d)
     raw_dataset = folders.raw / dataset
-    dataset_json = json.loads((raw_dataset / "dataset.json").read_text())
+    dataset_json = read_raw_dataset_json(str(raw_dataset))
     unlabeled = _unlabeled_cases(raw_dataset, dataset_json)
     labeled = _labeled_cases(raw_dataset, dataset_json, unlabeled)
     folds = tuple(args.f)
