@@ -11,6 +11,12 @@ own), then timed, page cache warm (the files were just written), as wall-clock t
 * ``whole content``: every case's SHA-256 (:func:`~nnunet_sassnet.unlabeled.integrity.check_case`), what the
   loader spends on one read of every case.
 
+The raw scans' fingerprints (``--raw-scans N``: N raw .nii.gz files, copies of the LA scans, each a file of its
+own): the unlabeled stamp follows each file's SHA-256, computed once per version of the file
+(:mod:`~nnunet_sassnet.unlabeled.raw_fingerprints`): the first time (every file read and hashed) and at every later
+start (a stat per file and the cache file read), and the voxel hash of one scan, which finding labeled copies
+computes once for a file whose grid matches a labeled case's.
+
 Per read while training (``--per-read``, the 0.625 mm LA plan: the UA-MT h5 scans, 0.625 mm, as cases; patch
 96 x 128 x 192, batch 2, nnU-Net's training augmentation): the loader checks each case it draws
 (:class:`~nnunet_sassnet.unlabeled.checked_loader.CheckedDataLoader`); its check of one batch's cases beside the
@@ -154,12 +160,60 @@ def per_read_cost(data_dir: Path, work: Path, batches: int, limit: int) -> dict:
             "ratio_check_to_batch": round(check_seconds / batches / batch_seconds, 4)}
 
 
+def raw_fingerprint_cost(data_dir: Path, work: Path, count: int, limit: int) -> dict:
+    """The unlabeled stamp's fingerprints of ``count`` raw scans, without and with the cache."""
+    import h5py
+    import numpy as np
+    import SimpleITK as sitk
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    from nnunet_sassnet.unlabeled.raw_fingerprints import FingerprintCache
+
+    folder = work / "raw_scans"
+    folder.mkdir()
+    templates = []
+    for i, h5_file in enumerate(sorted(data_dir.rglob("mri_norm2.h5"))[:limit]):
+        with h5py.File(h5_file, "r") as f:
+            image = sitk.GetImageFromArray(np.asarray(f["image"], dtype=np.float32).transpose(LA_0625_TRANSPOSE))
+        image.SetSpacing((0.625,) * 3)
+        path = folder / f"template{i:02d}.nii.gz"
+        sitk.WriteImage(image, str(path))
+        templates.append(path)
+    paths = []
+    for i in range(count):
+        path = folder / f"scan{i:04d}_0000.nii.gz"
+        shutil.copyfile(templates[i % len(templates)], path)
+        paths.append(str(path))
+    cache_file = str(work / "fingerprints.json")
+    t0 = time.perf_counter()
+    cache = FingerprintCache(cache_file)
+    for path in paths:
+        cache.content_sha256(path)
+    cache.save()
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cache = FingerprintCache(cache_file)
+    for path in paths:
+        cache.content_sha256(path)
+    later = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    FingerprintCache(None).voxel_sha256(paths[0], SimpleITKIO())
+    voxel = time.perf_counter() - t0
+    scan_mb = sum(os.path.getsize(p) for p in templates) / len(templates) / 1024 ** 2
+    shutil.rmtree(folder)
+    return {"scans": count, "scan_mb": round(scan_mb, 2), "first_s": round(first, 3), "later_s": round(later, 4),
+            "first_ms_per_scan": round(1000 * first / count, 3), "later_ms_per_scan": round(1000 * later / count, 4),
+            "voxel_hash_s": round(voxel, 4)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="a folder of LA scans in the UA-MT h5 layout")
     parser.add_argument("--counts", type=int, nargs="*", default=[100, 1000])
     parser.add_argument("--per-read", type=int, default=0, metavar="BATCHES",
                         help="time the check per read against this many augmented batches (0.625 mm LA plan)")
+    parser.add_argument("--raw-scans", type=int, default=0, metavar="N",
+                        help="time the raw scans' fingerprints (the unlabeled stamp) at N scans")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here as JSON")
     parser.add_argument("--templates", type=int, default=20, help="distinct scans to repeat (default 20)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -176,6 +230,11 @@ def main() -> None:
     try:
         if args.counts:
             results["per_count"] = counts_cost(args, work)
+        if args.raw_scans:
+            results["raw_fingerprints"] = raw_fingerprint_cost(args.data, work, args.raw_scans, args.templates)
+            r = results["raw_fingerprints"]
+            print(f"  raw stamp at {r['scans']} scans ({r['scan_mb']} MB each): first time {r['first_s']:.2f} s, "
+                  f"later starts {r['later_s']:.3f} s; voxel hash of one scan {r['voxel_hash_s']:.3f} s")
         if args.per_read:
             results["per_read"] = per_read_cost(args.data, work, args.per_read, args.templates)
             r = results["per_read"]
