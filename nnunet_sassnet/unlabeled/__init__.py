@@ -5,8 +5,10 @@ Raw images go to ``nnUNet_raw/DatasetXXX_Name/imagesUnlabeled/`` named like ``im
 with the plan's own preprocessor (cropping, resampling, normalisation identical to the labeled scans) into
 ``nnUNet_preprocessed/DatasetXXX_Name/<data_identifier>_unlabeled/``: beside nnU-Net's folder, never inside
 it, because nnU-Net wipes ``<data_identifier>/`` when it preprocesses again and treats every case in it as a
-labeled training case. A stamp file there records a hash of what the data was made from, so a change of
-plans, dataset.json or input files is detected, and the size and content hashes of every file written, so a
+labeled training case. A scan that is a case of ``imagesTr`` (by name or by identical voxels) is left out
+before any preprocessing (:mod:`~nnunet_sassnet.unlabeled.labeled_copies`). A stamp file there records a hash of
+what the data was made from, so a change of plans, dataset.json or input files (their content:
+:mod:`~nnunet_sassnet.unlabeled.raw_fingerprints`) is detected, and the size and content hashes of every file written, so a
 damaged case is detected (before training, or by the loader while training) and preprocessed again (see
 :mod:`~nnunet_sassnet.unlabeled.integrity`). Bad scans are refused before anything is written, one line naming
 the file and the fix (:mod:`~nnunet_sassnet.unlabeled.image_checks`).
@@ -27,11 +29,12 @@ from nnunet_sassnet.unlabeled.cases import (CASE_FILE_SUFFIXES, STAMP_FILE, UNLA
                                             list_unlabeled_cases, unlabeled_data_is_current,
                                             unlabeled_preprocessed_folder)
 from nnunet_sassnet.unlabeled.cli import preprocess_unlabeled_entry
+from nnunet_sassnet.unlabeled.labeled_copies import find_labeled_copies
 from nnunet_sassnet.unlabeled.loader import make_unlabeled_loader
 from nnunet_sassnet.unlabeled.preprocessing import UnlabeledData, ensure_preprocessed, preprocess_unlabeled
 
 __all__ = [
     "UNLABELED_IMAGES_FOLDER", "STAMP_FILE", "CASE_FILE_SUFFIXES", "unlabeled_preprocessed_folder",
     "list_unlabeled_cases", "compute_stamp", "unlabeled_data_is_current", "UnlabeledData", "ensure_preprocessed",
-    "make_unlabeled_loader", "preprocess_unlabeled", "preprocess_unlabeled_entry",
+    "make_unlabeled_loader", "preprocess_unlabeled", "preprocess_unlabeled_entry", "find_labeled_copies",
 ]
