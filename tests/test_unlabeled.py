@@ -48,9 +48,10 @@ def assert_refused(result, *fragments: str) -> None:
 
 
 def test_same_preprocessing_as_labeled_scans(dataset_copy):
-    """An unlabeled copy of a labeled scan is preprocessed to exactly nnU-Net's data for that scan."""
+    """A labeled scan moved into imagesUnlabeled is preprocessed to exactly nnU-Net's data for that scan (moved, not
+    copied: a copy of a labeled case is never unlabeled data)."""
     ds = dataset_copy
-    shutil.copy(ds["raw"] / "imagesTr" / "tr000_0000.nii.gz", ds["raw"] / "imagesUnlabeled" / "dup_0000.nii.gz")
+    shutil.move(ds["raw"] / "imagesTr" / "tr000_0000.nii.gz", ds["raw"] / "imagesUnlabeled" / "dup_0000.nii.gz")
     preprocess(ds["env"], check=True)
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 

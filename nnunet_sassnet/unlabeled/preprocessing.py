@@ -149,12 +149,11 @@ def ensure_preprocessed(dataset_name_or_id: str | int, configuration: str = "3d_
     fingerprints = fingerprint_cache_for(raw_folder)
     cases = _without_labeled_copies(raw_folder, cases, fingerprints, log)
     stamp = compute_stamp(plans, configuration, dataset_json, cases, fingerprints)
-    fingerprints.save()
     store = VersionedFolder(unlabeled_preprocessed_folder(base, data_identifier))
     if not store.writable():
         command = (f"nnunet_sassnet_preprocess_unlabeled -d {dataset_name_or_id} -c {configuration} "
                    f"-p {plans_identifier}")
-        return _use_as_it_is(store, cases, stamp, lease, log, command)
+        return _use_as_it_is(store, cases, stamp, lease, log, command)  # the fingerprints are not kept there
     build = _Builder(cases, plans, configuration, plans_identifier, dataset_json, stamp, num_processes, progress)
     with store.writer_lock(on_wait=lambda why: log(f"Unlabeled data: {why}")):
         if store.adopt_plain_folder() is not None:
@@ -189,6 +188,7 @@ def ensure_preprocessed(dataset_name_or_id: str | int, configuration: str = "3d_
         if held is not None and not held.held:
             log(f"Unlabeled data: this run cannot lease {folder}: {held.why_not}")
         _report_removed(store, log)  # the version just replaced, unless a run still reads it
+    fingerprints.save()  # only now: a failed run (a full disk) writes nothing
     return UnlabeledData(folder=folder, num_cases=len(cases), store=store, lease=held)
 
 
