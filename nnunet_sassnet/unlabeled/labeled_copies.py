@@ -58,16 +58,25 @@ def find_labeled_copies(raw_dataset_folder: str, unlabeled_cases: list[str] | No
                 continue
             if reader is None:
                 reader = determine_reader_writer_from_dataset_json(dataset_json, files[0], verbose=False)()
-            mine = [fingerprints.voxel_sha256(path, reader) for path in files]
+            mine = _voxel_hashes(fingerprints, files, reader)
             for other in sorted(candidates):
-                if len(labeled[other]) == len(files) and all(
-                        fingerprints.voxel_sha256(path, reader) == h for path, h in zip(labeled[other], mine)):
+                if mine is not None and len(labeled[other]) == len(files) and \
+                        _voxel_hashes(fingerprints, labeled[other], reader) == mine:
                     copies[case] = other
                     break
     finally:
         if own_cache:
             fingerprints.save()
     return copies
+
+
+def _voxel_hashes(fingerprints: FingerprintCache, files: list[str], reader) -> list[str] | None:
+    """The voxel hash of each channel file; None where one cannot be read (the checks before preprocessing name an
+    unreadable unlabeled scan; nnU-Net's own, a labeled one)."""
+    try:
+        return [fingerprints.voxel_sha256(path, reader) for path in files]
+    except Exception:  # the readers raise many types for a damaged file
+        return None
 
 
 def _grid(fingerprints: FingerprintCache, path: str):

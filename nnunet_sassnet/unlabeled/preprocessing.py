@@ -188,7 +188,7 @@ def ensure_preprocessed(dataset_name_or_id: str | int, configuration: str = "3d_
         if held is not None and not held.held:
             log(f"Unlabeled data: this run cannot lease {folder}: {held.why_not}")
         _report_removed(store, log)  # the version just replaced, unless a run still reads it
-    fingerprints.save()  # only now: a failed run (a full disk) writes nothing
+        fingerprints.save()  # under the lock, and only now: a failed run (a full disk) writes nothing
     return UnlabeledData(folder=folder, num_cases=len(cases), store=store, lease=held)
 
 
