@@ -35,12 +35,12 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
-import sys
-import time
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 from sdm_speed import time_call as seconds  # median wall-clock seconds of fn() over reps calls
@@ -224,7 +224,7 @@ def main() -> None:
                "machine": f"{platform.node()}, {platform.machine()}, {os.cpu_count()} CPUs",
                "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
                "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
-               "data": args.data.name, "timing": f"wall-clock, page cache warm"}
+               "data": args.data.name, "timing": "wall-clock, page cache warm"}
     print(f"{results['date']} {results['machine']}, {args.data.name}")
     work = Path(tempfile.mkdtemp(prefix="unlabeled_check_cost_", dir=args.workdir))
     try:

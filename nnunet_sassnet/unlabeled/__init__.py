@@ -8,8 +8,8 @@ it, because nnU-Net wipes ``<data_identifier>/`` when it preprocesses again and 
 labeled training case. A scan that is a case of ``imagesTr`` (by name or by identical voxels) is left out
 before any preprocessing (:mod:`~nnunet_sassnet.unlabeled.labeled_copies`). A stamp file there records a hash of
 what the data was made from, so a change of plans, dataset.json or input files (their content:
-:mod:`~nnunet_sassnet.unlabeled.raw_fingerprints`) is detected, and the size and content hashes of every file written, so a
-damaged case is detected (before training, or by the loader while training) and preprocessed again (see
+:mod:`~nnunet_sassnet.unlabeled.raw_fingerprints`) is detected, and the size and content hashes of every
+file written, so a damaged case is detected (before training, or by the loader while training) and preprocessed again (see
 :mod:`~nnunet_sassnet.unlabeled.integrity`). Bad scans are refused before anything is written, one line naming
 the file and the fix (:mod:`~nnunet_sassnet.unlabeled.image_checks`).
 
