@@ -357,3 +357,50 @@ def test_force_deletes_the_round_and_what_it_made_and_starts_it_again(labeled_da
     assert [p.name for p in (raw / "pseudo_labels").glob("un*.nii.gz")] == ["un000.nii.gz"]
     # a given teacher is never deleted
     assert (one_round["teacher"] / "fold_0" / "checkpoint_final.pth").is_file()
+
+
+#: nnU-Net's fork pool (create_lists_from_splitted_dataset_folder: the student dataset's preprocessing lists its
+#: images with it) called again and again under the command's SIGTERM handler, while another thread writes a log
+#: (as the command's threads do): a worker forked while that thread holds stderr's lock waits for it for ever, and
+#: only SIGTERM's default action ends it when Pool.terminate() sends it. A call of more than 10 s has hung.
+_POOL_LOOP = """
+import os, sys, threading
+from nnunet_sassnet.selftraining.cli import _stop_on_sigterm
+from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+
+
+def log():
+    while True:
+        print("log line " * 10, file=sys.stderr)
+
+
+_stop_on_sigterm()
+threading.Thread(target=log, daemon=True).start()
+for call in range(int(sys.argv[2])):
+    watchdog = threading.Timer(10, lambda: (print(f"call {call} hung", flush=True), os._exit(3)))
+    watchdog.start()
+    create_lists_from_splitted_dataset_folder(sys.argv[1], ".nii.gz", num_processes=4)
+    watchdog.cancel()
+print("calls done", flush=True)
+"""
+
+
+def test_nnunet_worker_pools_end_under_the_commands_sigterm_handler(tmp_path):
+    import subprocess
+    import sys
+
+    for case in range(6):
+        (tmp_path / f"case{case}_0000.nii.gz").touch()
+    log = tmp_path / "loop.out"  # a file, not a pipe: a hung worker would hold a pipe open
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-c", _POOL_LOOP, str(tmp_path), "100"], stdout=out,
+                                   stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            process.wait(timeout=120)
+        finally:
+            try:  # a hung pool's workers outlive the loop's process
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    output = log.read_text()
+    assert process.returncode == 0 and "calls done" in output, output[-2000:]

@@ -63,19 +63,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _block_sigterm() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+
+def _unblock_sigterm() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+def _default_sigterm_in_child() -> None:
+    """A forked process (nnU-Net's worker pools, its data loader's workers) ends on SIGTERM by the default action:
+    ``Pool.terminate()`` relies on it. Our Python handler would run only when the worker's main thread next
+    checks for signals, which a worker blocked in a semaphore may never do: the pool's ``join()`` then waits for
+    ever. A SIGTERM that came during the fork was held back (blocked) and is delivered now, by the default action."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _unblock_sigterm()
+
+
+_fork_hooks_registered = False
+
+
 def _stop_on_sigterm() -> None:
-    """SIGTERM (kill, a job scheduler) ends the command as Ctrl-C does, so that nnU-Net's worker processes end too."""
-    command = os.getpid()
+    """SIGTERM (kill, a job scheduler) ends the command as Ctrl-C does, so that nnU-Net's worker processes end too.
+
+    Only this process gets the handler: processes it forks get SIGTERM's default action back as they start
+    (:func:`_default_sigterm_in_child`; SIGTERM is blocked around the fork so that none falls between). Spawned
+    processes (most of nnU-Net's pools) start a new interpreter, which has the default action anyway.
+    """
+    global _fork_hooks_registered
 
     def stop(signum, frame):
-        if os.getpid() != command:
-            # a worker that nnU-Net forked (its pools end their workers with SIGTERM): ended as by default
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, stop)
+    if not _fork_hooks_registered:
+        os.register_at_fork(before=_block_sigterm, after_in_parent=_unblock_sigterm,
+                            after_in_child=_default_sigterm_in_child)
+        _fork_hooks_registered = True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
