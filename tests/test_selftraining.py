@@ -219,6 +219,52 @@ def test_fine_tuning_starts_from_the_student_and_trains_on_the_labeled_dataset(l
     assert f"the model of round 1 is {folder}" in confident_round["output"]
 
 
+def _two_fold_teacher(one_round: dict, folder: Path) -> Path:
+    """A teacher model folder of two folds: fold 0 is the first round's teacher, fold 1 the same network with
+    output biases that make it predict background everywhere (so each fold's pseudo-labels are recognisable)."""
+    import shutil
+
+    import torch
+
+    model = folder / one_round["teacher"].name
+    for fold in ("fold_0", "fold_1"):
+        (model / fold).mkdir(parents=True)
+    for name in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
+        shutil.copy(one_round["teacher"] / name, model / name)
+    shutil.copy(one_round["teacher"] / "fold_0" / "checkpoint_final.pth", model / "fold_0" / "checkpoint_final.pth")
+    checkpoint = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    for key, value in checkpoint["network_weights"].items():
+        if "seg_layers" in key and key.endswith("bias"):
+            value[0], value[1:] = 100.0, -100.0
+    torch.save(checkpoint, model / "fold_1" / "checkpoint_final.pth")
+    return model
+
+
+PER_FOLD_STUDENT = "Dataset963_Tiny_selftrain"
+
+
+def test_student_fold_k_learns_from_teacher_fold_k_alone(labeled_dataset, one_round, tmp_path):
+    teacher = _two_fold_teacher(one_round, tmp_path)
+    killed = _selftrain(labeled_dataset, "-f", "0", "1", "--teacher-model", str(teacher), "--student-dataset", "963",
+                        check=False, SELFTRAIN_TEST_KILL=f"train:{PER_FOLD_STUDENT}")  # stopped at the student
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
+    assert "student fold k learns from teacher fold k alone" in killed.stdout
+    state = _state(labeled_dataset, PER_FOLD_STUDENT)
+    assert state["details"]["pseudo_label_folds"] == {"0": ["0"], "1": ["1"]}
+    assert state["steps"]["dataset"]["status"] == "done"
+    raw = labeled_dataset["raw"] / PER_FOLD_STUDENT
+    for case in UNLABELED:  # fold 1 predicts background everywhere, fold 0 does not: no ensemble of the two
+        assert (_read(raw / "labelsTr" / f"{case}_fold1.nii.gz") == 0).all()
+        assert os.path.samefile(raw / "imagesTr" / f"{case}_fold0_0000.nii.gz",
+                                labeled_dataset["raw"] / DATASET / "imagesUnlabeled" / f"{case}_0000.nii.gz")
+    assert any((_read(raw / "labelsTr" / f"{case}_fold0.nii.gz") > 0).any() for case in UNLABELED)
+    teacher_splits = json.loads((labeled_dataset["preprocessed"] / DATASET / "splits_final.json").read_text())
+    splits = json.loads((labeled_dataset["preprocessed"] / PER_FOLD_STUDENT / "splits_final.json").read_text())
+    for k, (fold, teacher_fold) in enumerate(zip(splits, teacher_splits)):
+        own = [f"{case}_fold{k}" for case in UNLABELED] if k < 2 else []
+        assert fold["val"] == teacher_fold["val"] and sorted(fold["train"]) == sorted(teacher_fold["train"] + own)
+
+
 def _kill_when(path: Path, dataset: dict, *args: str) -> int:
     """Run the command and SIGKILL it (its process group: the command and its workers) once ``path`` exists."""
     started: list = []
@@ -313,6 +359,7 @@ def test_bad_input_is_one_line_and_writes_nothing(labeled_dataset, one_round, tm
         ("-f", "0", "--student-dataset", "961", "--ignore-below", "0.5"): "add --force to replace it",
         ("-f", "5",): f"-f 5: the split of {DATASET} has 5 folds",
         ("-f", "0", "--ignore-below", "1.5"): "--ignore-below 1.5: a probability",
+        ("-f", "all", "0"): "-f all 0: fold all with numbered folds",
     }
     before = _snapshot(labeled_dataset["root"])
     for args, message in cases.items():

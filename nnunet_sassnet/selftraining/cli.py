@@ -26,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
                                              "unlabeled ones in imagesUnlabeled")
     g.add_argument("-c", default=None, help="configuration, e.g. 3d_fullres (required unless --teacher-model)")
     g.add_argument("-f", nargs="+", required=True, metavar="FOLD",
-                   help="fold(s) of teacher and students: 'all', or numbers of nnU-Net's split (several: the "
-                        "pseudo-labels are their ensemble, as nnUNetv2_predict -f makes it)")
+                   help="fold(s) of teacher and students: 'all', or numbers of nnU-Net's split (several: student "
+                        "fold k learns from the pseudo-labels of teacher fold k alone, so that its validation cases "
+                        "stay unseen)")
     g.add_argument("-tr", default=None, help="the teacher's trainer [nnUNetTrainer]")
     g.add_argument("-p", default=None, help="plans identifier of teacher and students [nnUNetPlans]")
     g.add_argument("--teacher-model", default=None, metavar="FOLDER",
@@ -40,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-case-confidence", type=float, default=None, metavar="P",
                    help="leave out the unlabeled cases whose mean probability over their predicted foreground is "
                         "below P [off: every case is kept]")
+    g.add_argument("--ensemble-pseudo-labels", action="store_true",
+                   help="with several folds: every student fold learns from the ensemble of all teacher folds (as "
+                        "nnUNetv2_predict -f), whose other folds saw its validation labels: the students' "
+                        "cross-validation (and nnUNetv2_find_best_configuration) is then optimistic [off]")
     g.add_argument("--disable_tta", action="store_true", help="no test-time mirroring (as nnUNetv2_predict)")
     g.add_argument("-step_size", type=float, default=0.5, help="sliding-window step (as nnUNetv2_predict) [0.5]")
     g.add_argument("-npp", type=int, default=3, help="preprocessing processes of the predictor (0 and -nps 0: "

@@ -18,14 +18,16 @@ from typing import Callable
 from nnunet_sassnet.atomic_files import write_json_atomic
 from nnunet_sassnet.errors import UserInputError
 from nnunet_sassnet.selftraining.folders import NnunetFolders, dataset_id_of, student_dataset_name
-from nnunet_sassnet.selftraining.pseudo_labels import ConfidenceOptions, PredictorSettings, make_pseudo_labels
+from nnunet_sassnet.selftraining.pseudo_labels import (ConfidenceOptions, PredictorSettings, PseudoLabeling,
+                                                       make_pseudo_labels, pseudo_labelings)
 from nnunet_sassnet.selftraining.state import STATE_FILE, RoundState, find_rounds
 from nnunet_sassnet.selftraining.student_dataset import (ignore_label_for, labeled_splits, link_raw_dataset,
                                                          preprocess_student, student_dataset_json, student_splits,
                                                          transfer_plans)
 from nnunet_sassnet.selftraining.training import TrainedModel, model_folder, train_fold
 
-__all__ = ["Recipe", "round_identity", "fine_tuning_plans", "planned_student_names", "run_recipe"]
+__all__ = ["Recipe", "round_identity", "fine_tuning_plans", "planned_student_names", "unlabeled_to_pseudo_label",
+           "run_recipe"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class Recipe:
     preprocessing_processes: int
     device: str
     force: bool
+    ensemble_pseudo_labels: bool = False  # every student fold learns from all teacher folds (optimistic validation)
 
     @property
     def plans(self) -> str:
@@ -59,6 +62,16 @@ class Recipe:
     def ignore_label(self) -> int | None:
         return ignore_label_for(self.dataset_json, self.confidence.ignore_below)
 
+    @property
+    def labelings(self) -> list[PseudoLabeling]:
+        """Which teacher folds pseudo-label for which student folds (the same folds in every round)."""
+        return pseudo_labelings(self.teacher.folds, self.ensemble_pseudo_labels)
+
+    @property
+    def pseudo_label_folds(self) -> dict[str, list[str]]:
+        """Student fold -> the teacher folds its pseudo-labels come from."""
+        return {s: list(lab.teacher_folds) for lab in self.labelings for s in lab.student_folds}
+
 
 def round_identity(recipe: Recipe, teacher: TrainedModel) -> dict:
     """What a round is: a rerun with the same identity continues it, another one is another round."""
@@ -66,7 +79,8 @@ def round_identity(recipe: Recipe, teacher: TrainedModel) -> dict:
             "configuration": teacher.configuration, "plans": recipe.plans, "student_trainer": recipe.student_trainer,
             "fine_tune_trainer": recipe.fine_tune_trainer, "ignore_below": recipe.confidence.ignore_below,
             "min_case_confidence": recipe.confidence.min_case_confidence, "tta": recipe.predictor.tta,
-            "step_size": recipe.predictor.step_size}
+            "step_size": recipe.predictor.step_size,
+            "pseudo_labels": "ensemble" if len(recipe.labelings) == 1 and len(teacher.folds) > 1 else "per_fold"}
 
 
 def fine_tuning_plans(recipe: Recipe, student_name: str) -> str:
@@ -207,17 +221,43 @@ def _kept_cases(state: RoundState) -> list[str]:
     return sorted(c for c, record in state.cases.items() if record["kept"])
 
 
+def unlabeled_to_pseudo_label(recipe: Recipe) -> dict[str, list[str]]:
+    """The unlabeled cases (case -> its channel files) that the teacher pseudo-labels and the student's dataset
+    holds as training cases: the one place that decides it, where a filter of the unlabeled scans belongs."""
+    return recipe.unlabeled
+
+
+def _pseudo_labeled_images(recipe: Recipe) -> dict[str, tuple[list[str], PseudoLabeling]]:
+    """Each pseudo-labeled case of the student's dataset -> its images and the labeling it belongs to."""
+    return {lab.case(case): (images, lab) for lab in recipe.labelings
+            for case, images in unlabeled_to_pseudo_label(recipe).items()}
+
+
 def _pseudo_labels_step(recipe: Recipe, state: RoundState, say: _Progress, teacher: TrainedModel) -> None:
+    if len(teacher.folds) > 1:
+        if recipe.ensemble_pseudo_labels:
+            say(f"pseudo-labels: the ensemble of folds {' '.join(teacher.folds)} for every student fold "
+                f"(--ensemble-pseudo-labels): each student fold's validation cases were training cases of the other "
+                f"teacher folds, so the students' cross-validation (and nnUNetv2_find_best_configuration) is "
+                f"optimistic")
+        else:
+            say("pseudo-labels: student fold k learns from teacher fold k alone (its validation cases stay unseen)")
+    state.details["pseudo_label_folds"] = recipe.pseudo_label_folds
+    state.save()
+
     def work() -> None:
-        make_pseudo_labels(teacher, recipe.unlabeled, state.folder, recipe.dataset_json, recipe.ignore_label,
-                           recipe.confidence, recipe.predictor, state)
+        cases = unlabeled_to_pseudo_label(recipe)
+        for lab in recipe.labelings:
+            make_pseudo_labels(replace(teacher, folds=lab.teacher_folds),
+                               {lab.case(case): images for case, images in cases.items()}, state.folder,
+                               recipe.dataset_json, recipe.ignore_label, recipe.confidence, recipe.predictor, state)
         if not _kept_cases(state):
             best = max(r["confidence"] for r in state.cases.values())
             raise UserInputError(f"--min-case-confidence {recipe.confidence.min_case_confidence}: every unlabeled "
                                  f"case is below it (highest: {best:.4f}; all in {state.path}); pass a lower value")
 
-    _step(state, say, "pseudo_labels", f"pseudo-labels of {len(recipe.unlabeled)} unlabeled cases with "
-                                       f"nnU-Net's predictor", work)
+    _step(state, say, "pseudo_labels", f"pseudo-labels of {len(unlabeled_to_pseudo_label(recipe))} unlabeled cases "
+                                       f"with nnU-Net's predictor", work)
     kept = _kept_cases(state)
     if recipe.confidence.needs_probabilities:
         ignored = sum(r.get("ignored_voxels", 0) for c, r in state.cases.items() if c in kept)
@@ -229,15 +269,22 @@ def _pseudo_labels_step(recipe: Recipe, state: RoundState, say: _Progress, teach
 
 def _dataset_step(recipe: Recipe, state: RoundState, say: _Progress, teacher: TrainedModel) -> None:
     def work() -> None:
-        kept = _kept_cases(state)
+        pseudo_labeled = _pseudo_labeled_images(recipe)
+        kept = [c for c in _kept_cases(state) if c in pseudo_labeled]
         dataset_json = student_dataset_json(recipe.dataset_json, len(recipe.labeled) + len(kept),
                                             recipe.ignore_label)
-        link_raw_dataset(state.folder, recipe.labeled, recipe.unlabeled, kept, dataset_json)
+        link_raw_dataset(state.folder, recipe.labeled, recipe.unlabeled,
+                         {case: pseudo_labeled[case][0] for case in kept}, dataset_json)
         preprocessed = recipe.folders.preprocessed / state.folder.name
         transfer_plans(teacher.folder, state.folder, preprocessed, recipe.plans)
         splits = labeled_splits(recipe.folders.preprocessed / recipe.dataset, list(recipe.labeled))
         if splits is not None:
-            write_json_atomic(preprocessed / "splits_final.json", student_splits(splits, kept))
+            # one labeling (one fold, fold all, or the ensemble): every fold trains on it, as the folds not
+            # trained here would
+            one = len(recipe.labelings) == 1
+            by_fold = {fold: [c for c in kept if one or fold in pseudo_labeled[c][1].student_folds]
+                       for fold in map(str, range(len(splits)))}
+            write_json_atomic(preprocessed / "splits_final.json", student_splits(splits, by_fold))
         preprocess_student(dataset_id_of(state.folder.name), recipe.plans, teacher.configuration,
                            recipe.preprocessing_processes)
 
