@@ -285,7 +285,30 @@ def _kill_when(path: Path, dataset: dict, *args: str) -> int:
     return outcome["run"].returncode
 
 
-def test_sigkill_in_each_step_then_the_same_command_continues_through_two_rounds(labeled_dataset):
+def _truncated_copy(checkpoint: Path, target: Path) -> None:
+    """``target``: the first half of a real checkpoint, as a kill while nnU-Net writes it leaves it."""
+    data = checkpoint.read_bytes()
+    target.write_bytes(data[:len(data) // 2])
+
+
+def test_unreadable_checkpoints_are_set_aside_and_training_goes_on_from_the_next(one_round, tmp_path, capsys):
+    from nnunet_sassnet.selftraining.training import set_aside_unreadable_checkpoints
+
+    whole = one_round["teacher"] / "fold_0" / "checkpoint_final.pth"
+    (tmp_path / "checkpoint_best.pth").write_bytes(whole.read_bytes())
+    _truncated_copy(whole, tmp_path / "checkpoint_latest.pth")
+    assert set_aside_unreadable_checkpoints(tmp_path) == [tmp_path / "checkpoint_latest.pth"]
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{tmp_path / 'checkpoint_latest.pth'}: unreadable (")
+    assert lines[0].endswith("continuing from checkpoint_best.pth")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_best.pth", "checkpoint_latest.pth.unreadable"]
+    assert set_aside_unreadable_checkpoints(tmp_path) == []  # a readable one stays
+    _truncated_copy(whole, tmp_path / "checkpoint_best.pth")
+    assert set_aside_unreadable_checkpoints(tmp_path) == [tmp_path / "checkpoint_best.pth"]
+    assert capsys.readouterr().out.strip().endswith("training from the start")
+
+
+def test_sigkill_in_each_step_then_the_same_command_continues_through_two_rounds(labeled_dataset, one_round):
     args = ("-f", "all", "--rounds", "2", "--student-dataset", "970")
     first, second = "Dataset970_Tiny_selftrain", "Dataset971_Tiny_selftrain_round2"
     raw = labeled_dataset["raw"] / first
@@ -298,9 +321,14 @@ def test_sigkill_in_each_step_then_the_same_command_continues_through_two_rounds
     killed = _selftrain(labeled_dataset, *args, check=False, SELFTRAIN_TEST_KILL=f"train:{DATASET}")
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
     assert attempts() == {"teacher": ("running", 1)}
+    # a kill while nnU-Net wrote the teacher's checkpoint_latest.pth had left it truncated: set aside, trained again
+    teacher_fold = _model(labeled_dataset, DATASET, "all")
+    _truncated_copy(one_round["teacher"] / "fold_0" / "checkpoint_final.pth", teacher_fold / "checkpoint_latest.pth")
     # 2: pseudo-labelling, while the predictor predicts the second case
     killed = _selftrain(labeled_dataset, *args, check=False, SELFTRAIN_TEST_KILL=f"predict:{raw / 'pseudo_labels'}")
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
+    assert f"{teacher_fold / 'checkpoint_latest.pth'}: unreadable (" in killed.stdout
+    assert (teacher_fold / "checkpoint_final.pth").is_file()
     assert attempts() == {"teacher": ("done", 2), "pseudo_labels": ("running", 1)}
     predicted = sorted((raw / "pseudo_labels").glob("un*.nii.gz"))
     assert [p.name for p in predicted] == ["un000.nii.gz"]

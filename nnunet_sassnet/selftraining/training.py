@@ -3,7 +3,10 @@
 A fold is trained exactly as ``nnUNetv2_train DATASET CONFIGURATION FOLD -tr TRAINER -p PLANS`` trains it (the
 final validation included); a fold folder that an interrupted run left with ``checkpoint_latest.pth`` is
 continued (``--c``), one with ``checkpoint_final.pth`` gets its final validation only (``--val``): a kill during a
-training costs the epochs since nnU-Net's last checkpoint, not the training.
+training costs the epochs since nnU-Net's last checkpoint, not the training. nnU-Net's own trainers write their
+checkpoints in place, so a kill while one is written leaves it truncated; such a file is moved aside
+(``NAME.unreadable``) with one line saying so, and the training goes on from the next readable checkpoint
+(``checkpoint_best.pth``) or from its start.
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ from pathlib import Path
 
 from nnunet_sassnet.errors import UserInputError
 
-__all__ = ["TrainedModel", "model_folder", "find_trainer_class", "set_device_threads", "train_fold"]
+__all__ = ["TrainedModel", "model_folder", "find_trainer_class", "set_device_threads", "set_aside_unreadable_checkpoints",
+           "train_fold"]
 
 FINAL_CHECKPOINT = "checkpoint_final.pth"
 #: what nnU-Net's ``--c`` continues from, in its order of preference after checkpoint_final.pth
@@ -94,6 +98,35 @@ def set_device_threads(device: str) -> None:
         torch.set_num_interop_threads(1)
 
 
+def _unreadable(path: Path) -> str | None:
+    """Why torch cannot load the checkpoint ``path``; None where it can."""
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a truncated zip or pickle fails in many ways, all of them mean unreadable
+        return f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"
+    return None
+
+
+def set_aside_unreadable_checkpoints(fold_folder: Path) -> list[Path]:
+    """Move each checkpoint of ``fold_folder`` that torch cannot load (cut short by a kill while it was written) to
+    ``NAME.unreadable``, saying so in one line; returns the files moved. nnU-Net's ``--c`` then continues from the
+    next checkpoint that is there, or the training starts again."""
+    names = (FINAL_CHECKPOINT, *RESUMABLE_CHECKPOINTS)
+    unreadable = {name: why for name in names if (fold_folder / name).is_file()
+                  and (why := _unreadable(fold_folder / name)) is not None}
+    for name in unreadable:
+        (fold_folder / name).replace(fold_folder / f"{name}.unreadable")
+    left = [n for n in names if (fold_folder / n).is_file()]
+    going_on = f"continuing from {left[0]}" if left else "training from the start"
+    for name, why in unreadable.items():
+        print(f"{fold_folder / name}: unreadable ({why}; a kill while it was written?), moved to "
+              f"{name}.unreadable; {going_on}", flush=True)
+    moved = [fold_folder / name for name in unreadable]
+    return moved
+
+
 def train_fold(dataset: str, model: TrainedModel, fold: str, device: str,
                pretrained_weights: Path | None = None) -> str:
     """Train one fold of ``model`` on ``dataset`` (or finish it); returns what was done, for the progress line."""
@@ -101,6 +134,7 @@ def train_fold(dataset: str, model: TrainedModel, fold: str, device: str,
     from nnunetv2.run.run_training import run_training
 
     fold_folder = model.folder / f"fold_{fold}"
+    set_aside_unreadable_checkpoints(fold_folder)
     common = dict(dataset_name_or_id=dataset, configuration=model.configuration, fold=fold,
                   trainer_class_name=model.trainer, plans_identifier=model.plans, device=torch.device(device))
     if (fold_folder / FINAL_CHECKPOINT).is_file():
