@@ -411,6 +411,29 @@ def test_a_trainer_that_refuses_the_ignore_label_is_refused_before_any_work(labe
     assert _snapshot(labeled_dataset["root"]) == before
 
 
+def test_force_keeps_a_teacher_fold_that_other_rounds_use_and_marks_rounds_taught_by_its_student_to_redo(
+        labeled_dataset, one_round, confident_round):
+    """--force of the first round: its teacher fold 0 is the --teacher-model of the confident round (kept), and a
+    round taught by its student (a record of a later round) may no longer say "done"."""
+    from nnunet_sassnet.selftraining.state import RoundState
+
+    teacher_checkpoint = one_round["teacher"] / "fold_0" / "checkpoint_final.pth"
+    before = teacher_checkpoint.stat().st_mtime_ns
+    student = _model(labeled_dataset, FIRST_STUDENT, "0").parent
+    later = RoundState(folder=labeled_dataset["raw"] / "Dataset975_Tiny_selftrain_round2", round=2,
+                       identity={**_state(labeled_dataset, FIRST_STUDENT)["identity"], "teacher": str(student)},
+                       steps={"teacher": {"status": "done"}, "pseudo_labels": {"status": "done"}})
+    later.folder.mkdir()
+    later.save()
+    killed = _selftrain(labeled_dataset, "-f", "0", "--student-dataset", "961", "--force", check=False,
+                        SELFTRAIN_TEST_KILL=f"predict:{labeled_dataset['raw'] / FIRST_STUDENT / 'pseudo_labels'}")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
+    assert f"teacher fold 0 ({one_round['teacher']}) kept: round(s) {CONFIDENT_STUDENT} use it" in killed.stdout
+    assert teacher_checkpoint.stat().st_mtime_ns == before and not student.exists()
+    redo = RoundState.load(later.folder)
+    assert redo.redo.startswith(f"its teacher {student} was deleted") and not any(map(redo.done, redo.steps))
+
+
 def test_force_deletes_the_round_and_what_it_made_and_starts_it_again(labeled_dataset, one_round, confident_round):
     """Defined last: it deletes the confident round that the tests above read."""
     raw = labeled_dataset["raw"] / CONFIDENT_STUDENT

@@ -166,8 +166,9 @@ def _open_round(recipe: Recipe, number: int, teacher: TrainedModel) -> RoundStat
         name = state.folder.name if state is not None else student_dataset_name(
             recipe.folders.next_free_id(dataset_id_of(recipe.dataset)), recipe.student_base_name, number)
     # a round of other settings in the given ID: replaced with --force only (see the checks)
-    if state is not None and (recipe.force or state.identity != identity):
-        print(f"Self-training round {number}: --force: deleting {state.folder.name} and what its steps made",
+    if state is not None and (recipe.force or state.identity != identity or state.redo):
+        why = "--force" if recipe.force or state.identity != identity else f"to redo ({state.redo})"
+        print(f"Self-training round {number}: {why}: deleting {state.folder.name} and what its steps made",
               flush=True)
         name = state.folder.name
         _remove_round(recipe, state)
@@ -181,14 +182,30 @@ def _open_round(recipe: Recipe, number: int, teacher: TrainedModel) -> RoundStat
 
 def _remove_round(recipe: Recipe, state: RoundState) -> None:
     """Delete a round (``--force``): the student's dataset and models, the fine-tuned models and their plans, and
-    the teacher's folds that this command trained."""
+    the teacher's folds that this round trained, unless another round uses them. Rounds whose teacher was this
+    round's student or fine-tuned model are marked to redo: no record stays "done" against deleted weights."""
     name = state.folder.name
+    others = [s for s in find_rounds(recipe.folders.raw) if s.folder != state.folder]
     fine_tuned = _fine_tuned(replace(recipe, fine_tune_trainer=state.identity.get("fine_tune_trainer")), name)
+    student = _student(replace(recipe, student_trainer=state.identity.get("student_trainer",
+                                                                          recipe.student_trainer)), name)
+    for model in filter(None, (fine_tuned, student)):
+        for other in others:
+            if other.identity.get("teacher") == str(model.folder) and not other.redo:
+                other.mark_redo(f"its teacher {model.folder} was deleted by --force of {name}")
+                print(f"Self-training: {other.folder.name} learnt from {model.folder}, which is deleted: marked to "
+                      f"redo (the same command for it redoes it)", flush=True)
     if fine_tuned is not None:
         shutil.rmtree(fine_tuned.folder, ignore_errors=True)
         (recipe.folders.preprocessed / recipe.dataset / f"{fine_tuned.plans}.json").unlink(missing_ok=True)
     teacher_folder = Path(state.identity["teacher"])
     for fold in state.steps.get("teacher", {}).get("folds_done", []):
+        users = [o.folder.name for o in others
+                 if o.identity.get("teacher") == str(teacher_folder) and fold in o.identity.get("folds", [])]
+        if users:
+            print(f"Self-training: teacher fold {fold} ({teacher_folder}) kept: round(s) {', '.join(users)} use it",
+                  flush=True)
+            continue
         shutil.rmtree(teacher_folder / f"fold_{fold}", ignore_errors=True)
     recipe.folders.remove_dataset(name)
 
