@@ -212,6 +212,11 @@ def test_fine_tuning_starts_from_the_student_and_trains_on_the_labeled_dataset(l
     folder = labeled_dataset["results"] / DATASET / f"{TRAINER}__{SMALL_PLANS}_finetuned962__3d_fullres"
     assert (folder / "fold_0" / "checkpoint_final.pth").is_file()
     assert f"Loading pretrained weights from file  {student}" in confident_round["output"]
+    # and the output layers, which nnU-Net's loader leaves out: the student has the same labels (and the ignore
+    # label, no output channel)
+    loaded = [line for line in confident_round["output"].splitlines()
+              if line.startswith(f"Fine-tuning: output layers from {student}: loaded ")]
+    assert len(loaded) == 1 and "decoder.seg_layers.0" in loaded[0] and "starts fresh" not in confident_round["output"]
     plans = json.loads((folder / "plans.json").read_text())
     assert plans["dataset_name"] == DATASET and plans["plans_name"] == f"{SMALL_PLANS}_finetuned962"
     original = json.loads((labeled_dataset["preprocessed"] / DATASET / f"{SMALL_PLANS}.json").read_text())

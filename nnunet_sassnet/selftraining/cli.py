@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="round 1's dataset (ID or DatasetXXX_Name); round k gets ID + k - 1 [the next free IDs]")
     g.add_argument("--rounds", type=int, default=1, help="rounds; each round's student teaches the next [1]")
     g.add_argument("--fine-tune-trainer", default=None, metavar="TRAINER",
-                   help="fine-tune each student on the labeled scans with this trainer (-pretrained_weights), e.g. "
-                        "nnUNetTrainer_50epochs; the fine-tuned model teaches the next round [off]")
+                   help="fine-tune each student on the labeled scans with this trainer (-pretrained_weights, and the "
+                        "output layers too where the labels match), e.g. nnUNetTrainer_50epochs; the fine-tuned "
+                        "model teaches the next round [off]")
     g.add_argument("-np", type=int, default=None, help="preprocessing processes for the student's dataset "
                                                         "[as nnUNetv2_preprocess: 4 for 3d_fullres, else 8]")
     g = p.add_argument_group("run")

@@ -127,6 +127,49 @@ def set_aside_unreadable_checkpoints(fold_folder: Path) -> list[Path]:
     return moved
 
 
+def load_fine_tuning_output_layers(trainer, pretrained_weights: Path) -> list[str]:
+    """The output layers of ``pretrained_weights`` into the trainer's network, which nnU-Net's
+    ``-pretrained_weights`` loading leaves out (it expects another label set). A student has the labeled
+    dataset's labels (with ``--ignore-below`` also the ignore label, which is no output channel), so its output
+    layers are loaded too, where the labels and each layer's shape match (:func:`load_output_layers`, as this
+    package's trainers do it); the log and the console name what was loaded and what starts fresh."""
+    import torch
+
+    from nnunet_sassnet.trainers.output_layers import load_output_layers
+
+    checkpoint = torch.load(pretrained_weights, map_location="cpu", weights_only=False)
+    theirs = (checkpoint.get("init_args") or {}).get("dataset_json", {}).get("labels")
+    ours = trainer.dataset_json.get("labels")
+    without_ignore = [{k: v for k, v in (labels or {}).items() if k != "ignore"} for labels in (theirs, ours)]
+    if theirs is not None and without_ignore[0] != without_ignore[1]:
+        loaded, fresh = [], {"output layers": f"the student's labels {theirs} differ from {ours}"}
+    else:
+        loaded, fresh = load_output_layers(trainer.network, checkpoint)
+    lines = [f"Fine-tuning: output layers from {pretrained_weights}: loaded {', '.join(loaded) or 'none'}"]
+    lines += [f"  starts fresh: {layer} ({why})" for layer, why in sorted(fresh.items())]
+    for line in lines:
+        trainer.print_to_log_file(line)
+        print(line, flush=True)
+    return loaded
+
+
+def _train_from_pretrained(dataset: str, model: TrainedModel, fold: str, device: str,
+                           pretrained_weights: Path) -> None:
+    """``run_training(..., pretrained_weights=...)`` in nnU-Net's order (one GPU), with the output layers loaded
+    after nnU-Net's loader has loaded the rest."""
+    import torch
+    from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
+
+    trainer = get_trainer_from_args(dataset, model.configuration, fold if fold == "all" else int(fold),
+                                    model.trainer, model.plans, device=torch.device(device))
+    maybe_load_checkpoint(trainer, False, False, str(pretrained_weights))
+    load_fine_tuning_output_layers(trainer, pretrained_weights)
+    if torch.cuda.is_available():
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True
+    trainer.run_training()
+    trainer.perform_actual_validation(False)
+
+
 def train_fold(dataset: str, model: TrainedModel, fold: str, device: str,
                pretrained_weights: Path | None = None) -> str:
     """Train one fold of ``model`` on ``dataset`` (or finish it); returns what was done, for the progress line."""
@@ -141,9 +184,11 @@ def train_fold(dataset: str, model: TrainedModel, fold: str, device: str,
         run_training(**common, only_run_validation=True)
         return "its final validation (the training had ended)"
     resume = any((fold_folder / name).is_file() for name in RESUMABLE_CHECKPOINTS)
-    # nnU-Net refuses --c with -pretrained_weights: a continued fine-tuning has its weights in the checkpoint
-    run_training(**common, continue_training=resume, pretrained_weights=None if resume else
-                 (str(pretrained_weights) if pretrained_weights else None))
+    if pretrained_weights is not None and not resume:
+        _train_from_pretrained(dataset, model, fold, device, pretrained_weights)
+    else:
+        # nnU-Net refuses --c with -pretrained_weights: a continued fine-tuning has its weights in the checkpoint
+        run_training(**common, continue_training=resume)
     if device == "cuda":
         torch.cuda.empty_cache()
     return "continued from its last checkpoint" if resume else "trained"
