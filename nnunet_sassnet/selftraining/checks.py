@@ -228,5 +228,9 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
                                     preprocessing_processes=args.npp, export_processes=args.nps),
         preprocessing_processes=processes, device=args.device, force=args.force,
         ensemble_pseudo_labels=args.ensemble_pseudo_labels)
+    clashing = sorted({lab.case(c) for lab in recipe.labelings for c in unlabeled} & set(labeled))
+    if clashing:
+        raise UserInputError(f"{raw_dataset / 'imagesTr'}: case {clashing[0]} has the name of a pseudo-labeled case "
+                             f"of the student's dataset (an unlabeled case with its fold's suffix); rename it")
     _check_student_ids(recipe)
     return recipe

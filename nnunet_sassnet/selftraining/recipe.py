@@ -1,8 +1,9 @@
 """The self-training recipe (noisy student): its rounds, each round's steps in order, and where each is kept.
 
 A round: the teacher (trained on the labeled scans in round 1 unless a model is given; the previous round's
-model after that), its pseudo-labels of the unlabeled scans, the student's dataset (labeled + pseudo-labeled
-cases, the teacher's plans, splits, nnU-Net's preprocessing), the student's training (nnU-Net's augmentation is
+model after that), its pseudo-labels of the unlabeled scans (with several folds, those of teacher fold k for
+student fold k: :func:`~nnunet_sassnet.selftraining.pseudo_labels.pseudo_labelings`), the student's dataset
+(labeled + pseudo-labeled cases, the teacher's plans, splits, nnU-Net's preprocessing), the student's training (nnU-Net's augmentation is
 the noise) and, optionally, its fine-tuning on the labeled scans. The student (or its fine-tuned model) is the
 next round's teacher. Every round has its own student dataset, which holds the round's record
 (:mod:`~nnunet_sassnet.selftraining.state`); a rerun finds it by the round's identity and continues it.

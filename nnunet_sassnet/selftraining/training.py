@@ -17,8 +17,8 @@ from pathlib import Path
 
 from nnunet_sassnet.errors import UserInputError
 
-__all__ = ["TrainedModel", "model_folder", "find_trainer_class", "set_device_threads", "set_aside_unreadable_checkpoints",
-           "train_fold"]
+__all__ = ["TrainedModel", "model_folder", "find_trainer_class", "set_device_threads",
+           "set_aside_unreadable_checkpoints", "load_fine_tuning_output_layers", "train_fold"]
 
 FINAL_CHECKPOINT = "checkpoint_final.pth"
 #: what nnU-Net's ``--c`` continues from, in its order of preference after checkpoint_final.pth
