@@ -507,3 +507,13 @@ def test_nnunet_worker_pools_end_under_the_commands_sigterm_handler(tmp_path):
                 pass
     output = log.read_text()
     assert process.returncode == 0 and "calls done" in output, output[-2000:]
+
+
+def test_ensemble_pseudo_labels_give_every_student_fold_the_ensemble_of_all_teacher_folds():
+    from nnunet_sassnet.selftraining.pseudo_labels import PseudoLabeling, pseudo_labelings
+
+    assert pseudo_labelings(("0", "1", "2"), ensemble=True) == [PseudoLabeling(("0", "1", "2"), "", ("0", "1", "2"))]
+    per_fold = pseudo_labelings(("0", "2"), ensemble=False)
+    assert [(p.teacher_folds, p.case("un000"), p.student_folds) for p in per_fold] == \
+        [(("0",), "un000_fold0", ("0",)), (("2",), "un000_fold2", ("2",))]
+    assert pseudo_labelings(("all",), ensemble=False) == [PseudoLabeling(("all",), "", ("all",))]
