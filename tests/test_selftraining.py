@@ -212,11 +212,62 @@ def test_fine_tuning_starts_from_the_student_and_trains_on_the_labeled_dataset(l
     folder = labeled_dataset["results"] / DATASET / f"{TRAINER}__{SMALL_PLANS}_finetuned962__3d_fullres"
     assert (folder / "fold_0" / "checkpoint_final.pth").is_file()
     assert f"Loading pretrained weights from file  {student}" in confident_round["output"]
+    # and the output layers, which nnU-Net's loader leaves out: the student has the same labels (and the ignore
+    # label, no output channel)
+    loaded = [line for line in confident_round["output"].splitlines()
+              if line.startswith(f"Fine-tuning: output layers from {student}: loaded ")]
+    assert len(loaded) == 1 and "decoder.seg_layers.0" in loaded[0] and "starts fresh" not in confident_round["output"]
     plans = json.loads((folder / "plans.json").read_text())
     assert plans["dataset_name"] == DATASET and plans["plans_name"] == f"{SMALL_PLANS}_finetuned962"
     original = json.loads((labeled_dataset["preprocessed"] / DATASET / f"{SMALL_PLANS}.json").read_text())
     assert plans["configurations"] == original["configurations"]  # the labeled dataset's preprocessed data
     assert f"the model of round 1 is {folder}" in confident_round["output"]
+
+
+def _two_fold_teacher(one_round: dict, folder: Path) -> Path:
+    """A teacher model folder of two folds: fold 0 is the first round's teacher, fold 1 the same network with
+    output biases that make it predict background everywhere (so each fold's pseudo-labels are recognisable)."""
+    import shutil
+
+    import torch
+
+    model = folder / one_round["teacher"].name
+    for fold in ("fold_0", "fold_1"):
+        (model / fold).mkdir(parents=True)
+    for name in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
+        shutil.copy(one_round["teacher"] / name, model / name)
+    shutil.copy(one_round["teacher"] / "fold_0" / "checkpoint_final.pth", model / "fold_0" / "checkpoint_final.pth")
+    checkpoint = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    for key, value in checkpoint["network_weights"].items():
+        if "seg_layers" in key and key.endswith("bias"):
+            value[0], value[1:] = 100.0, -100.0
+    torch.save(checkpoint, model / "fold_1" / "checkpoint_final.pth")
+    return model
+
+
+PER_FOLD_STUDENT = "Dataset963_Tiny_selftrain"
+
+
+def test_student_fold_k_learns_from_teacher_fold_k_alone(labeled_dataset, one_round, tmp_path):
+    teacher = _two_fold_teacher(one_round, tmp_path)
+    killed = _selftrain(labeled_dataset, "-f", "0", "1", "--teacher-model", str(teacher), "--student-dataset", "963",
+                        check=False, SELFTRAIN_TEST_KILL=f"train:{PER_FOLD_STUDENT}")  # stopped at the student
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
+    assert "student fold k learns from teacher fold k alone" in killed.stdout
+    state = _state(labeled_dataset, PER_FOLD_STUDENT)
+    assert state["details"]["pseudo_label_folds"] == {"0": ["0"], "1": ["1"]}
+    assert state["steps"]["dataset"]["status"] == "done"
+    raw = labeled_dataset["raw"] / PER_FOLD_STUDENT
+    for case in UNLABELED:  # fold 1 predicts background everywhere, fold 0 does not: no ensemble of the two
+        assert (_read(raw / "labelsTr" / f"{case}_fold1.nii.gz") == 0).all()
+        assert os.path.samefile(raw / "imagesTr" / f"{case}_fold0_0000.nii.gz",
+                                labeled_dataset["raw"] / DATASET / "imagesUnlabeled" / f"{case}_0000.nii.gz")
+    assert any((_read(raw / "labelsTr" / f"{case}_fold0.nii.gz") > 0).any() for case in UNLABELED)
+    teacher_splits = json.loads((labeled_dataset["preprocessed"] / DATASET / "splits_final.json").read_text())
+    splits = json.loads((labeled_dataset["preprocessed"] / PER_FOLD_STUDENT / "splits_final.json").read_text())
+    for k, (fold, teacher_fold) in enumerate(zip(splits, teacher_splits)):
+        own = [f"{case}_fold{k}" for case in UNLABELED] if k < 2 else []
+        assert fold["val"] == teacher_fold["val"] and sorted(fold["train"]) == sorted(teacher_fold["train"] + own)
 
 
 def _kill_when(path: Path, dataset: dict, *args: str) -> int:
@@ -239,7 +290,30 @@ def _kill_when(path: Path, dataset: dict, *args: str) -> int:
     return outcome["run"].returncode
 
 
-def test_sigkill_in_each_step_then_the_same_command_continues_through_two_rounds(labeled_dataset):
+def _truncated_copy(checkpoint: Path, target: Path) -> None:
+    """``target``: the first half of a real checkpoint, as a kill while nnU-Net writes it leaves it."""
+    data = checkpoint.read_bytes()
+    target.write_bytes(data[:len(data) // 2])
+
+
+def test_unreadable_checkpoints_are_set_aside_and_training_goes_on_from_the_next(one_round, tmp_path, capsys):
+    from nnunet_sassnet.selftraining.training import set_aside_unreadable_checkpoints
+
+    whole = one_round["teacher"] / "fold_0" / "checkpoint_final.pth"
+    (tmp_path / "checkpoint_best.pth").write_bytes(whole.read_bytes())
+    _truncated_copy(whole, tmp_path / "checkpoint_latest.pth")
+    assert set_aside_unreadable_checkpoints(tmp_path) == [tmp_path / "checkpoint_latest.pth"]
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{tmp_path / 'checkpoint_latest.pth'}: unreadable (")
+    assert lines[0].endswith("continuing from checkpoint_best.pth")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_best.pth", "checkpoint_latest.pth.unreadable"]
+    assert set_aside_unreadable_checkpoints(tmp_path) == []  # a readable one stays
+    _truncated_copy(whole, tmp_path / "checkpoint_best.pth")
+    assert set_aside_unreadable_checkpoints(tmp_path) == [tmp_path / "checkpoint_best.pth"]
+    assert capsys.readouterr().out.strip().endswith("training from the start")
+
+
+def test_sigkill_in_each_step_then_the_same_command_continues_through_two_rounds(labeled_dataset, one_round):
     args = ("-f", "all", "--rounds", "2", "--student-dataset", "970")
     first, second = "Dataset970_Tiny_selftrain", "Dataset971_Tiny_selftrain_round2"
     raw = labeled_dataset["raw"] / first
@@ -252,9 +326,14 @@ def test_sigkill_in_each_step_then_the_same_command_continues_through_two_rounds
     killed = _selftrain(labeled_dataset, *args, check=False, SELFTRAIN_TEST_KILL=f"train:{DATASET}")
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
     assert attempts() == {"teacher": ("running", 1)}
+    # a kill while nnU-Net wrote the teacher's checkpoint_latest.pth had left it truncated: set aside, trained again
+    teacher_fold = _model(labeled_dataset, DATASET, "all")
+    _truncated_copy(one_round["teacher"] / "fold_0" / "checkpoint_final.pth", teacher_fold / "checkpoint_latest.pth")
     # 2: pseudo-labelling, while the predictor predicts the second case
     killed = _selftrain(labeled_dataset, *args, check=False, SELFTRAIN_TEST_KILL=f"predict:{raw / 'pseudo_labels'}")
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
+    assert f"{teacher_fold / 'checkpoint_latest.pth'}: unreadable (" in killed.stdout
+    assert (teacher_fold / "checkpoint_final.pth").is_file()
     assert attempts() == {"teacher": ("done", 2), "pseudo_labels": ("running", 1)}
     predicted = sorted((raw / "pseudo_labels").glob("un*.nii.gz"))
     assert [p.name for p in predicted] == ["un000.nii.gz"]
@@ -313,6 +392,7 @@ def test_bad_input_is_one_line_and_writes_nothing(labeled_dataset, one_round, tm
         ("-f", "0", "--student-dataset", "961", "--ignore-below", "0.5"): "add --force to replace it",
         ("-f", "5",): f"-f 5: the split of {DATASET} has 5 folds",
         ("-f", "0", "--ignore-below", "1.5"): "--ignore-below 1.5: a probability",
+        ("-f", "all", "0"): "-f all 0: fold all with numbered folds",
     }
     before = _snapshot(labeled_dataset["root"])
     for args, message in cases.items():
@@ -336,6 +416,29 @@ def test_a_trainer_that_refuses_the_ignore_label_is_refused_before_any_work(labe
     assert _snapshot(labeled_dataset["root"]) == before
 
 
+def test_force_keeps_a_teacher_fold_that_other_rounds_use_and_marks_rounds_taught_by_its_student_to_redo(
+        labeled_dataset, one_round, confident_round):
+    """--force of the first round: its teacher fold 0 is the --teacher-model of the confident round (kept), and a
+    round taught by its student (a record of a later round) may no longer say "done"."""
+    from nnunet_sassnet.selftraining.state import RoundState
+
+    teacher_checkpoint = one_round["teacher"] / "fold_0" / "checkpoint_final.pth"
+    before = teacher_checkpoint.stat().st_mtime_ns
+    student = _model(labeled_dataset, FIRST_STUDENT, "0").parent
+    later = RoundState(folder=labeled_dataset["raw"] / "Dataset975_Tiny_selftrain_round2", round=2,
+                       identity={**_state(labeled_dataset, FIRST_STUDENT)["identity"], "teacher": str(student)},
+                       steps={"teacher": {"status": "done"}, "pseudo_labels": {"status": "done"}})
+    later.folder.mkdir()
+    later.save()
+    killed = _selftrain(labeled_dataset, "-f", "0", "--student-dataset", "961", "--force", check=False,
+                        SELFTRAIN_TEST_KILL=f"predict:{labeled_dataset['raw'] / FIRST_STUDENT / 'pseudo_labels'}")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
+    assert f"teacher fold 0 ({one_round['teacher']}) kept: round(s) {CONFIDENT_STUDENT} use it" in killed.stdout
+    assert teacher_checkpoint.stat().st_mtime_ns == before and not student.exists()
+    redo = RoundState.load(later.folder)
+    assert redo.redo.startswith(f"its teacher {student} was deleted") and not any(map(redo.done, redo.steps))
+
+
 def test_force_deletes_the_round_and_what_it_made_and_starts_it_again(labeled_dataset, one_round, confident_round):
     """Defined last: it deletes the confident round that the tests above read."""
     raw = labeled_dataset["raw"] / CONFIDENT_STUDENT
@@ -357,3 +460,60 @@ def test_force_deletes_the_round_and_what_it_made_and_starts_it_again(labeled_da
     assert [p.name for p in (raw / "pseudo_labels").glob("un*.nii.gz")] == ["un000.nii.gz"]
     # a given teacher is never deleted
     assert (one_round["teacher"] / "fold_0" / "checkpoint_final.pth").is_file()
+
+
+#: nnU-Net's fork pool (create_lists_from_splitted_dataset_folder: the student dataset's preprocessing lists its
+#: images with it) called again and again under the command's SIGTERM handler, while another thread writes a log
+#: (as the command's threads do): a worker forked while that thread holds stderr's lock waits for it for ever, and
+#: only SIGTERM's default action ends it when Pool.terminate() sends it. A call of more than 10 s has hung.
+_POOL_LOOP = """
+import os, sys, threading
+from nnunet_sassnet.selftraining.cli import _stop_on_sigterm
+from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+
+
+def log():
+    while True:
+        print("log line " * 10, file=sys.stderr)
+
+
+_stop_on_sigterm()
+threading.Thread(target=log, daemon=True).start()
+for call in range(int(sys.argv[2])):
+    watchdog = threading.Timer(10, lambda: (print(f"call {call} hung", flush=True), os._exit(3)))
+    watchdog.start()
+    create_lists_from_splitted_dataset_folder(sys.argv[1], ".nii.gz", num_processes=4)
+    watchdog.cancel()
+print("calls done", flush=True)
+"""
+
+
+def test_nnunet_worker_pools_end_under_the_commands_sigterm_handler(tmp_path):
+    import subprocess
+    import sys
+
+    for case in range(6):
+        (tmp_path / f"case{case}_0000.nii.gz").touch()
+    log = tmp_path / "loop.out"  # a file, not a pipe: a hung worker would hold a pipe open
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-c", _POOL_LOOP, str(tmp_path), "100"], stdout=out,
+                                   stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            process.wait(timeout=120)
+        finally:
+            try:  # a hung pool's workers outlive the loop's process
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    output = log.read_text()
+    assert process.returncode == 0 and "calls done" in output, output[-2000:]
+
+
+def test_ensemble_pseudo_labels_give_every_student_fold_the_ensemble_of_all_teacher_folds():
+    from nnunet_sassnet.selftraining.pseudo_labels import PseudoLabeling, pseudo_labelings
+
+    assert pseudo_labelings(("0", "1", "2"), ensemble=True) == [PseudoLabeling(("0", "1", "2"), "", ("0", "1", "2"))]
+    per_fold = pseudo_labelings(("0", "2"), ensemble=False)
+    assert [(p.teacher_folds, p.case("un000"), p.student_folds) for p in per_fold] == \
+        [(("0",), "un000_fold0", ("0",)), (("2",), "un000_fold2", ("2",))]
+    assert pseudo_labelings(("all",), ensemble=False) == [PseudoLabeling(("all",), "", ("all",))]

@@ -393,3 +393,37 @@ def test_half_resolution_discriminator_sees_pooled_patches_and_learns(nnunet_pat
     full = make_trainer()
     full.on_train_start()
     assert d.state_dict().keys() == unwrap_module(full.discriminator).state_dict().keys()
+
+
+@pytest.mark.parametrize("name", ["nnUNetTrainerSASSNet_smoke", "nnUNetTrainerSDM"])
+def test_a_kill_inside_a_checkpoint_write_leaves_the_old_checkpoint(nnunet_paths, name, tmp_path):
+    """The process is SIGKILLed after torch.save has written half of the new checkpoint (this package's trainers
+    write their own dictionary; nnUNetTrainerSDM nnU-Net's): the file keeps the old checkpoint, whole."""
+    import os
+    import signal
+
+    trainer = make_trainer(name)
+    trainer.on_train_start()
+    path = str(tmp_path / "checkpoint_latest.pth")
+    trainer.save_checkpoint(path)
+    old = open(path, "rb").read()
+    trainer.current_epoch = 7
+    pid = os.fork()
+    if pid == 0:  # the child: torch.save writes half of the checkpoint, then the process is killed
+        try:
+            real_save = torch.save
+
+            def save_and_die(value, target, *args, **kwargs):
+                real_save(value, target, *args, **kwargs)
+                size = os.path.getsize(target)
+                os.truncate(target, size // 2)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            torch.save = save_and_die
+            trainer.save_checkpoint(path)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert open(path, "rb").read() == old
+    assert torch.load(path, map_location="cpu", weights_only=False)["current_epoch"] == 1  # epoch 0, saved as 1

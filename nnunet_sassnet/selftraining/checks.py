@@ -38,6 +38,11 @@ def _check_ranges(args: argparse.Namespace) -> None:
             raise UserInputError(f"-f {fold}: a fold is 'all' or a number (0 to 4 for nnU-Net's 5-fold split)")
     if len(set(args.f)) != len(args.f):
         raise UserInputError(f"-f {' '.join(args.f)}: names a fold twice")
+    if "all" in args.f and len(args.f) > 1 and not args.ensemble_pseudo_labels:
+        # fold all trains on every case of the student's dataset: the pseudo-labels of every teacher fold
+        raise UserInputError(f"-f {' '.join(args.f)}: fold all with numbered folds; each student fold learns from "
+                             f"its own teacher fold's pseudo-labels, and fold all would train on those of every "
+                             f"fold: run -f all in a command of its own (or add --ensemble-pseudo-labels)")
 
 
 def _unlabeled_cases(raw_dataset: Path, dataset_json: dict) -> dict[str, list[str]]:
@@ -222,6 +227,11 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
         rounds=args.rounds, student_ids=student_ids, student_base_name=base, confidence=confidence,
         predictor=PredictorSettings(device=args.device, tta=not args.disable_tta, step_size=args.step_size,
                                     preprocessing_processes=args.npp, export_processes=args.nps),
-        preprocessing_processes=processes, device=args.device, force=args.force)
+        preprocessing_processes=processes, device=args.device, force=args.force,
+        ensemble_pseudo_labels=args.ensemble_pseudo_labels)
+    clashing = sorted({lab.case(c) for lab in recipe.labelings for c in unlabeled} & set(labeled))
+    if clashing:
+        raise UserInputError(f"{raw_dataset / 'imagesTr'}: case {clashing[0]} has the name of a pseudo-labeled case "
+                             f"of the student's dataset (an unlabeled case with its fold's suffix); rename it")
     _check_student_ids(recipe)
     return recipe

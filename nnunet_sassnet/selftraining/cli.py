@@ -26,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
                                              "unlabeled ones in imagesUnlabeled")
     g.add_argument("-c", default=None, help="configuration, e.g. 3d_fullres (required unless --teacher-model)")
     g.add_argument("-f", nargs="+", required=True, metavar="FOLD",
-                   help="fold(s) of teacher and students: 'all', or numbers of nnU-Net's split (several: the "
-                        "pseudo-labels are their ensemble, as nnUNetv2_predict -f makes it)")
+                   help="fold(s) of teacher and students: 'all', or numbers of nnU-Net's split (several: student "
+                        "fold k learns from the pseudo-labels of teacher fold k alone, so that its validation cases "
+                        "stay unseen)")
     g.add_argument("-tr", default=None, help="the teacher's trainer [nnUNetTrainer]")
     g.add_argument("-p", default=None, help="plans identifier of teacher and students [nnUNetPlans]")
     g.add_argument("--teacher-model", default=None, metavar="FOLDER",
@@ -40,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-case-confidence", type=float, default=None, metavar="P",
                    help="leave out the unlabeled cases whose mean probability over their predicted foreground is "
                         "below P [off: every case is kept]")
+    g.add_argument("--ensemble-pseudo-labels", action="store_true",
+                   help="with several folds: every student fold learns from the ensemble of all teacher folds (as "
+                        "nnUNetv2_predict -f), whose other folds saw its validation labels: the students' "
+                        "cross-validation (and nnUNetv2_find_best_configuration) is then optimistic [off]")
     g.add_argument("--disable_tta", action="store_true", help="no test-time mirroring (as nnUNetv2_predict)")
     g.add_argument("-step_size", type=float, default=0.5, help="sliding-window step (as nnUNetv2_predict) [0.5]")
     g.add_argument("-npp", type=int, default=3, help="preprocessing processes of the predictor (0 and -nps 0: "
@@ -51,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="round 1's dataset (ID or DatasetXXX_Name); round k gets ID + k - 1 [the next free IDs]")
     g.add_argument("--rounds", type=int, default=1, help="rounds; each round's student teaches the next [1]")
     g.add_argument("--fine-tune-trainer", default=None, metavar="TRAINER",
-                   help="fine-tune each student on the labeled scans with this trainer (-pretrained_weights), e.g. "
-                        "nnUNetTrainer_50epochs; the fine-tuned model teaches the next round [off]")
+                   help="fine-tune each student on the labeled scans with this trainer (-pretrained_weights, and the "
+                        "output layers too where the labels match), e.g. nnUNetTrainer_50epochs; the fine-tuned "
+                        "model teaches the next round [off]")
     g.add_argument("-np", type=int, default=None, help="preprocessing processes for the student's dataset "
                                                         "[as nnUNetv2_preprocess: 4 for 3d_fullres, else 8]")
     g = p.add_argument_group("run")
@@ -63,19 +69,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _block_sigterm() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+
+def _unblock_sigterm() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+def _default_sigterm_in_child() -> None:
+    """A forked process (nnU-Net's worker pools, its data loader's workers) ends on SIGTERM by the default action:
+    ``Pool.terminate()`` relies on it. Our Python handler would run only when the worker's main thread next
+    checks for signals, which a worker blocked in a semaphore may never do: the pool's ``join()`` then waits for
+    ever. A SIGTERM that came during the fork was held back (blocked) and is delivered now, by the default action."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _unblock_sigterm()
+
+
+_fork_hooks_registered = False
+
+
 def _stop_on_sigterm() -> None:
-    """SIGTERM (kill, a job scheduler) ends the command as Ctrl-C does, so that nnU-Net's worker processes end too."""
-    command = os.getpid()
+    """SIGTERM (kill, a job scheduler) ends the command as Ctrl-C does, so that nnU-Net's worker processes end too.
+
+    Only this process gets the handler: processes it forks get SIGTERM's default action back as they start
+    (:func:`_default_sigterm_in_child`; SIGTERM is blocked around the fork so that none falls between). Spawned
+    processes (most of nnU-Net's pools) start a new interpreter, which has the default action anyway.
+    """
+    global _fork_hooks_registered
 
     def stop(signum, frame):
-        if os.getpid() != command:
-            # a worker that nnU-Net forked (its pools end their workers with SIGTERM): ended as by default
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, stop)
+    if not _fork_hooks_registered:
+        os.register_at_fork(before=_block_sigterm, after_in_parent=_unblock_sigterm,
+                            after_in_child=_default_sigterm_in_child)
+        _fork_hooks_registered = True
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,8 +26,8 @@ from nnunet_sassnet.selftraining.folders import link_file
 from nnunet_sassnet.selftraining.state import RoundState
 from nnunet_sassnet.selftraining.training import FINAL_CHECKPOINT, TrainedModel
 
-__all__ = ["PREDICTIONS_FOLDER", "PROBABILITY_CHUNK", "ConfidenceOptions", "PredictorSettings", "case_confidence",
-           "pseudo_label", "make_pseudo_labels"]
+__all__ = ["PREDICTIONS_FOLDER", "PROBABILITY_CHUNK", "ConfidenceOptions", "PredictorSettings", "PseudoLabeling",
+           "pseudo_labelings", "case_confidence", "pseudo_label", "make_pseudo_labels"]
 
 #: the predictor's output in the student's raw dataset folder
 PREDICTIONS_FOLDER = "pseudo_labels"
@@ -56,6 +56,35 @@ class PredictorSettings:
     step_size: float = 0.5
     preprocessing_processes: int = 3
     export_processes: int = 3
+
+
+@dataclass(frozen=True)
+class PseudoLabeling:
+    """One set of pseudo-labels of the unlabeled scans: the teacher folds whose ensemble predicts it, the suffix of
+    its case names in the student's dataset, and the student folds that train on it."""
+
+    teacher_folds: tuple[str, ...]
+    suffix: str
+    student_folds: tuple[str, ...]
+
+    def case(self, unlabeled_case: str) -> str:
+        """The pseudo-labeled case's name in the student's dataset."""
+        return f"{unlabeled_case}{self.suffix}"
+
+
+def pseudo_labelings(folds: tuple[str, ...], ensemble: bool) -> list[PseudoLabeling]:
+    """Which teacher folds pseudo-label the unlabeled scans for which student folds.
+
+    By default student fold k learns from teacher fold k alone: the other teacher folds were trained on fold k's
+    validation cases, so pseudo-labels of theirs would carry those labels into the student's training and make
+    its cross-validation optimistic. With several folds the student's dataset then holds each unlabeled scan
+    once per fold (``CASE_fold<k>``), and fold k's split trains on teacher k's cases only. ``ensemble``: every
+    student fold learns from the ensemble of all teacher folds (one pseudo-label per scan, as
+    ``nnUNetv2_predict -f`` makes it; the students' validation is then optimistic).
+    """
+    if ensemble or len(folds) == 1:
+        return [PseudoLabeling(tuple(folds), "", tuple(folds))]
+    return [PseudoLabeling((fold,), f"_fold{fold}", (fold,)) for fold in folds]
 
 
 def case_confidence(voxel_confidence: np.ndarray, segmentation: np.ndarray) -> float:

@@ -1,8 +1,9 @@
 """The self-training recipe (noisy student): its rounds, each round's steps in order, and where each is kept.
 
 A round: the teacher (trained on the labeled scans in round 1 unless a model is given; the previous round's
-model after that), its pseudo-labels of the unlabeled scans, the student's dataset (labeled + pseudo-labeled
-cases, the teacher's plans, splits, nnU-Net's preprocessing), the student's training (nnU-Net's augmentation is
+model after that), its pseudo-labels of the unlabeled scans (with several folds, those of teacher fold k for
+student fold k: :func:`~nnunet_sassnet.selftraining.pseudo_labels.pseudo_labelings`), the student's dataset
+(labeled + pseudo-labeled cases, the teacher's plans, splits, nnU-Net's preprocessing), the student's training (nnU-Net's augmentation is
 the noise) and, optionally, its fine-tuning on the labeled scans. The student (or its fine-tuned model) is the
 next round's teacher. Every round has its own student dataset, which holds the round's record
 (:mod:`~nnunet_sassnet.selftraining.state`); a rerun finds it by the round's identity and continues it.
@@ -18,14 +19,16 @@ from typing import Callable
 from nnunet_sassnet.atomic_files import write_json_atomic
 from nnunet_sassnet.errors import UserInputError
 from nnunet_sassnet.selftraining.folders import NnunetFolders, dataset_id_of, student_dataset_name
-from nnunet_sassnet.selftraining.pseudo_labels import ConfidenceOptions, PredictorSettings, make_pseudo_labels
+from nnunet_sassnet.selftraining.pseudo_labels import (ConfidenceOptions, PredictorSettings, PseudoLabeling,
+                                                       make_pseudo_labels, pseudo_labelings)
 from nnunet_sassnet.selftraining.state import STATE_FILE, RoundState, find_rounds
 from nnunet_sassnet.selftraining.student_dataset import (ignore_label_for, labeled_splits, link_raw_dataset,
                                                          preprocess_student, student_dataset_json, student_splits,
                                                          transfer_plans)
 from nnunet_sassnet.selftraining.training import TrainedModel, model_folder, train_fold
 
-__all__ = ["Recipe", "round_identity", "fine_tuning_plans", "planned_student_names", "run_recipe"]
+__all__ = ["Recipe", "round_identity", "fine_tuning_plans", "planned_student_names", "unlabeled_to_pseudo_label",
+           "run_recipe"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class Recipe:
     preprocessing_processes: int
     device: str
     force: bool
+    ensemble_pseudo_labels: bool = False  # every student fold learns from all teacher folds (optimistic validation)
 
     @property
     def plans(self) -> str:
@@ -59,6 +63,16 @@ class Recipe:
     def ignore_label(self) -> int | None:
         return ignore_label_for(self.dataset_json, self.confidence.ignore_below)
 
+    @property
+    def labelings(self) -> list[PseudoLabeling]:
+        """Which teacher folds pseudo-label for which student folds (the same folds in every round)."""
+        return pseudo_labelings(self.teacher.folds, self.ensemble_pseudo_labels)
+
+    @property
+    def pseudo_label_folds(self) -> dict[str, list[str]]:
+        """Student fold -> the teacher folds its pseudo-labels come from."""
+        return {s: list(lab.teacher_folds) for lab in self.labelings for s in lab.student_folds}
+
 
 def round_identity(recipe: Recipe, teacher: TrainedModel) -> dict:
     """What a round is: a rerun with the same identity continues it, another one is another round."""
@@ -66,7 +80,8 @@ def round_identity(recipe: Recipe, teacher: TrainedModel) -> dict:
             "configuration": teacher.configuration, "plans": recipe.plans, "student_trainer": recipe.student_trainer,
             "fine_tune_trainer": recipe.fine_tune_trainer, "ignore_below": recipe.confidence.ignore_below,
             "min_case_confidence": recipe.confidence.min_case_confidence, "tta": recipe.predictor.tta,
-            "step_size": recipe.predictor.step_size}
+            "step_size": recipe.predictor.step_size,
+            "pseudo_labels": "ensemble" if len(recipe.labelings) == 1 and len(teacher.folds) > 1 else "per_fold"}
 
 
 def fine_tuning_plans(recipe: Recipe, student_name: str) -> str:
@@ -152,8 +167,9 @@ def _open_round(recipe: Recipe, number: int, teacher: TrainedModel) -> RoundStat
         name = state.folder.name if state is not None else student_dataset_name(
             recipe.folders.next_free_id(dataset_id_of(recipe.dataset)), recipe.student_base_name, number)
     # a round of other settings in the given ID: replaced with --force only (see the checks)
-    if state is not None and (recipe.force or state.identity != identity):
-        print(f"Self-training round {number}: --force: deleting {state.folder.name} and what its steps made",
+    if state is not None and (recipe.force or state.identity != identity or state.redo):
+        why = "--force" if recipe.force or state.identity != identity else f"to redo ({state.redo})"
+        print(f"Self-training round {number}: {why}: deleting {state.folder.name} and what its steps made",
               flush=True)
         name = state.folder.name
         _remove_round(recipe, state)
@@ -167,14 +183,30 @@ def _open_round(recipe: Recipe, number: int, teacher: TrainedModel) -> RoundStat
 
 def _remove_round(recipe: Recipe, state: RoundState) -> None:
     """Delete a round (``--force``): the student's dataset and models, the fine-tuned models and their plans, and
-    the teacher's folds that this command trained."""
+    the teacher's folds that this round trained, unless another round uses them. Rounds whose teacher was this
+    round's student or fine-tuned model are marked to redo: no record stays "done" against deleted weights."""
     name = state.folder.name
+    others = [s for s in find_rounds(recipe.folders.raw) if s.folder != state.folder]
     fine_tuned = _fine_tuned(replace(recipe, fine_tune_trainer=state.identity.get("fine_tune_trainer")), name)
+    student = _student(replace(recipe, student_trainer=state.identity.get("student_trainer",
+                                                                          recipe.student_trainer)), name)
+    for model in filter(None, (fine_tuned, student)):
+        for other in others:
+            if other.identity.get("teacher") == str(model.folder) and not other.redo:
+                other.mark_redo(f"its teacher {model.folder} was deleted by --force of {name}")
+                print(f"Self-training: {other.folder.name} learnt from {model.folder}, which is deleted: marked to "
+                      f"redo (the same command for it redoes it)", flush=True)
     if fine_tuned is not None:
         shutil.rmtree(fine_tuned.folder, ignore_errors=True)
         (recipe.folders.preprocessed / recipe.dataset / f"{fine_tuned.plans}.json").unlink(missing_ok=True)
     teacher_folder = Path(state.identity["teacher"])
     for fold in state.steps.get("teacher", {}).get("folds_done", []):
+        users = [o.folder.name for o in others
+                 if o.identity.get("teacher") == str(teacher_folder) and fold in o.identity.get("folds", [])]
+        if users:
+            print(f"Self-training: teacher fold {fold} ({teacher_folder}) kept: round(s) {', '.join(users)} use it",
+                  flush=True)
+            continue
         shutil.rmtree(teacher_folder / f"fold_{fold}", ignore_errors=True)
     recipe.folders.remove_dataset(name)
 
@@ -207,17 +239,43 @@ def _kept_cases(state: RoundState) -> list[str]:
     return sorted(c for c, record in state.cases.items() if record["kept"])
 
 
+def unlabeled_to_pseudo_label(recipe: Recipe) -> dict[str, list[str]]:
+    """The unlabeled cases (case -> its channel files) that the teacher pseudo-labels and the student's dataset
+    holds as training cases: the one place that decides it, where a filter of the unlabeled scans belongs."""
+    return recipe.unlabeled
+
+
+def _pseudo_labeled_images(recipe: Recipe) -> dict[str, tuple[list[str], PseudoLabeling]]:
+    """Each pseudo-labeled case of the student's dataset -> its images and the labeling it belongs to."""
+    return {lab.case(case): (images, lab) for lab in recipe.labelings
+            for case, images in unlabeled_to_pseudo_label(recipe).items()}
+
+
 def _pseudo_labels_step(recipe: Recipe, state: RoundState, say: _Progress, teacher: TrainedModel) -> None:
+    if len(teacher.folds) > 1:
+        if recipe.ensemble_pseudo_labels:
+            say(f"pseudo-labels: the ensemble of folds {' '.join(teacher.folds)} for every student fold "
+                f"(--ensemble-pseudo-labels): each student fold's validation cases were training cases of the other "
+                f"teacher folds, so the students' cross-validation (and nnUNetv2_find_best_configuration) is "
+                f"optimistic")
+        else:
+            say("pseudo-labels: student fold k learns from teacher fold k alone (its validation cases stay unseen)")
+    state.details["pseudo_label_folds"] = recipe.pseudo_label_folds
+    state.save()
+
     def work() -> None:
-        make_pseudo_labels(teacher, recipe.unlabeled, state.folder, recipe.dataset_json, recipe.ignore_label,
-                           recipe.confidence, recipe.predictor, state)
+        cases = unlabeled_to_pseudo_label(recipe)
+        for lab in recipe.labelings:
+            make_pseudo_labels(replace(teacher, folds=lab.teacher_folds),
+                               {lab.case(case): images for case, images in cases.items()}, state.folder,
+                               recipe.dataset_json, recipe.ignore_label, recipe.confidence, recipe.predictor, state)
         if not _kept_cases(state):
             best = max(r["confidence"] for r in state.cases.values())
             raise UserInputError(f"--min-case-confidence {recipe.confidence.min_case_confidence}: every unlabeled "
                                  f"case is below it (highest: {best:.4f}; all in {state.path}); pass a lower value")
 
-    _step(state, say, "pseudo_labels", f"pseudo-labels of {len(recipe.unlabeled)} unlabeled cases with "
-                                       f"nnU-Net's predictor", work)
+    _step(state, say, "pseudo_labels", f"pseudo-labels of {len(unlabeled_to_pseudo_label(recipe))} unlabeled cases "
+                                       f"with nnU-Net's predictor", work)
     kept = _kept_cases(state)
     if recipe.confidence.needs_probabilities:
         ignored = sum(r.get("ignored_voxels", 0) for c, r in state.cases.items() if c in kept)
@@ -229,15 +287,22 @@ def _pseudo_labels_step(recipe: Recipe, state: RoundState, say: _Progress, teach
 
 def _dataset_step(recipe: Recipe, state: RoundState, say: _Progress, teacher: TrainedModel) -> None:
     def work() -> None:
-        kept = _kept_cases(state)
+        pseudo_labeled = _pseudo_labeled_images(recipe)
+        kept = [c for c in _kept_cases(state) if c in pseudo_labeled]
         dataset_json = student_dataset_json(recipe.dataset_json, len(recipe.labeled) + len(kept),
                                             recipe.ignore_label)
-        link_raw_dataset(state.folder, recipe.labeled, recipe.unlabeled, kept, dataset_json)
+        link_raw_dataset(state.folder, recipe.labeled, recipe.unlabeled,
+                         {case: pseudo_labeled[case][0] for case in kept}, dataset_json)
         preprocessed = recipe.folders.preprocessed / state.folder.name
         transfer_plans(teacher.folder, state.folder, preprocessed, recipe.plans)
         splits = labeled_splits(recipe.folders.preprocessed / recipe.dataset, list(recipe.labeled))
         if splits is not None:
-            write_json_atomic(preprocessed / "splits_final.json", student_splits(splits, kept))
+            # one labeling (one fold, fold all, or the ensemble): every fold trains on it, as the folds not
+            # trained here would
+            one = len(recipe.labelings) == 1
+            by_fold = {fold: [c for c in kept if one or fold in pseudo_labeled[c][1].student_folds]
+                       for fold in map(str, range(len(splits)))}
+            write_json_atomic(preprocessed / "splits_final.json", student_splits(splits, by_fold))
         preprocess_student(dataset_id_of(state.folder.name), recipe.plans, teacher.configuration,
                            recipe.preprocessing_processes)
 

@@ -62,6 +62,19 @@ class RoundState:
                                       "round": self.round, "identity": self.identity, "details": self.details,
                                       "steps": self.steps, "cases": self.cases})
 
+    @property
+    def redo(self) -> str | None:
+        """Why the round must be done again (its teacher's weights were deleted), else None."""
+        return self.details.get("redo")
+
+    def mark_redo(self, reason: str) -> None:
+        """No step stays "done": the weights it was done with are gone; the next run of the round redoes it."""
+        for record in self.steps.values():
+            if record.get("status") == "done":
+                record["status"] = "redo"
+        self.details["redo"] = reason
+        self.save()
+
     def done(self, step: str) -> bool:
         return self.steps.get(step, {}).get("status") == "done"
 

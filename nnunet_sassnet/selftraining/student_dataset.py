@@ -8,8 +8,9 @@ same plans identifier, configurations and data identifiers, the dataset's name a
 student; no new planning, so teacher and student share preprocessing and architecture.
 
 ``splits_final.json``: in every fold, the labeled cases keep their fold of the labeled dataset (its own
-``splits_final.json``, else the split that nnU-Net would make for it) and every pseudo-labeled case is a training
-case, so nnU-Net's cross-validation of the student scores real labels only.
+``splits_final.json``, else the split that nnU-Net would make for it) and the fold's pseudo-labeled cases (those of
+its own teacher fold, see :func:`~nnunet_sassnet.selftraining.pseudo_labels.pseudo_labelings`) are training cases,
+never validation cases, so nnU-Net's cross-validation of the student scores real labels only.
 """
 from __future__ import annotations
 
@@ -56,10 +57,11 @@ def student_dataset_json(dataset_json: dict, num_training: int, ignore_label: in
 
 
 def link_raw_dataset(student_raw: Path, labeled: dict[str, dict], unlabeled: dict[str, list[str]],
-                     pseudo_labeled: list[str], dataset_json: dict) -> None:
+                     pseudo_labeled: dict[str, list[str]], dataset_json: dict) -> None:
     """imagesTr, labelsTr (the labeled cases' labels; the pseudo-labels are there already), imagesUnlabeled and
-    dataset.json of the student's raw folder."""
-    ending, pseudo_labeled = dataset_json["file_ending"], set(pseudo_labeled)
+    dataset.json of the student's raw folder; ``pseudo_labeled``: each pseudo-labeled case -> its images (an
+    unlabeled scan's files)."""
+    ending = dataset_json["file_ending"]
     for sub in ("imagesTr", "labelsTr", "imagesUnlabeled"):
         (student_raw / sub).mkdir(parents=True, exist_ok=True)
     for case, files in labeled.items():
@@ -70,8 +72,9 @@ def link_raw_dataset(student_raw: Path, labeled: dict[str, dict], unlabeled: dic
         for channel, image in enumerate(images):
             name = f"{case}_{channel:04d}{ending}"
             link_file(image, student_raw / "imagesUnlabeled" / name)
-            if case in pseudo_labeled:
-                link_file(image, student_raw / "imagesTr" / name)
+    for case, images in pseudo_labeled.items():
+        for channel, image in enumerate(images):
+            link_file(image, student_raw / "imagesTr" / f"{case}_{channel:04d}{ending}")
     write_json_atomic(student_raw / "dataset.json", dataset_json)
 
 
@@ -121,9 +124,12 @@ def labeled_splits(preprocessed_dataset: Path, labeled: list[str]) -> list[dict[
     return splits
 
 
-def student_splits(splits: list[dict[str, list[str]]], pseudo_labeled: list[str]) -> list[dict[str, list[str]]]:
-    """Each fold's labeled training and validation cases, plus every pseudo-labeled case as a training case."""
-    return [{"train": [*s["train"], *pseudo_labeled], "val": list(s["val"])} for s in splits]
+def student_splits(splits: list[dict[str, list[str]]], pseudo_labeled: dict[str, list[str]]
+                   ) -> list[dict[str, list[str]]]:
+    """Each fold's labeled training and validation cases, plus the fold's pseudo-labeled cases (``pseudo_labeled``:
+    fold number as text -> cases) as training cases, never as validation cases."""
+    return [{"train": [*s["train"], *pseudo_labeled.get(str(k), [])], "val": list(s["val"])}
+            for k, s in enumerate(splits)]
 
 
 def preprocess_student(dataset_id: int, plans_identifier: str, configuration: str, processes: int) -> None:

@@ -22,6 +22,7 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
+from nnunet_sassnet.atomic_files import partial_path
 from nnunet_sassnet.errors import install_excepthook
 from nnunet_sassnet.networks import SASSNetwork, unwrap_module
 from nnunet_sassnet.nnunet_tools import cap_torch_threads
@@ -242,6 +243,14 @@ class nnUNetTrainerSDM(nnUNetTrainer):
         logged = self.to_host({"loss": loss, **losses, "skipped_network": skipped, **self.skip_counters()})
         self.check_skips(logged)
         return logged
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, written beside its place and renamed there: a kill mid-write leaves the old one."""
+        if self.local_rank != 0 or self.disable_checkpointing:
+            super().save_checkpoint(filename)
+            return
+        super().save_checkpoint(partial_path(filename))
+        os.replace(partial_path(filename), filename)
 
     # ---- logging ------------------------------------------------------------------------------------------
     def _epoch_mean(self, outputs: dict, key: str) -> float:

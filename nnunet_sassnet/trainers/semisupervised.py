@@ -25,6 +25,7 @@ from torch import distributed as dist
 
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
+from nnunet_sassnet.atomic_files import save_torch_atomic
 from nnunet_sassnet.networks import unwrap_module
 from nnunet_sassnet.trainers.sdm_trainer import nnUNetTrainerSDM
 from nnunet_sassnet.unlabeled import ensure_preprocessed, make_unlabeled_loader, unlabeled_preprocessed_folder
@@ -264,7 +265,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainerSDM):
             "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
             CHECKPOINT_KEY: self.extra_checkpoint_state(),
         }
-        torch.save(checkpoint, filename)
+        save_torch_atomic(checkpoint, filename)  # a kill mid-write leaves the old checkpoint
 
     def load_checkpoint(self, filename_or_checkpoint: str | dict) -> None:
         # nnU-Net 2.8's load_checkpoint accepts only a file name (its dict branch is broken), so the file is
