@@ -22,6 +22,7 @@ from conftest import SMALL_PLANS, run, training_environment
 from nnunet_sassnet import nnunet_tools as tools
 from nnunet_sassnet.selftraining import main
 from nnunet_sassnet.selftraining.state import STATE_FILE
+from nnunet_sassnet.unlabeled.labeled_copies import find_labeled_copies
 
 TRAINERS = Path(__file__).resolve().parent / "selftraining_trainers"
 TRAINER = "nnUNetTrainer_selftrain_test"
@@ -94,6 +95,9 @@ def test_one_round_trains_a_teacher_and_a_student_on_labeled_and_pseudo_labeled_
                                 labeled_dataset["raw"] / DATASET / "imagesUnlabeled" / f"{case}_0000.nii.gz")
     dataset_json = json.loads((raw / "dataset.json").read_text())
     assert dataset_json["numTraining"] == 9 and "ignore" not in dataset_json["labels"]
+    # the pseudo-labeled cases are named as such, so a semi-supervised student still reads their scans as unlabeled
+    # data: by the rule for labeled cases in imagesUnlabeled, each would otherwise be left out (same name)
+    assert dataset_json["pseudo_labeled_cases"] == UNLABELED and find_labeled_copies(str(raw)) == {}
     # the teacher's plans, not a new planning: only the dataset's name differs
     teacher_plans = json.loads((one_round["teacher"] / "plans.json").read_text())
     student_plans = json.loads((preprocessed / f"{SMALL_PLANS}.json").read_text())
@@ -403,6 +407,36 @@ def test_bad_input_is_one_line_and_writes_nothing(labeled_dataset, one_round, tm
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, (args, err)
         assert _snapshot(labeled_dataset["root"]) == before, args
+
+
+def test_a_copy_of_a_validation_case_in_imagesUnlabeled_is_not_pseudo_labeled(labeled_dataset, monkeypatch, capsys):
+    """Fold 0's validation image under another name in imagesUnlabeled: left out by the unlabeled pipeline's rule
+    (its pseudo-labeled copy would be a training case of fold 0), said once, before any work."""
+    from nnunet_sassnet.selftraining.checks import build_recipe
+    from nnunet_sassnet.selftraining.cli import build_parser
+
+    env = labeled_dataset["env"]
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
+        monkeypatch.setenv(key, env[key])
+    source, name = labeled_dataset["raw"] / DATASET, "Dataset967_TinyWithCopy"
+    raw, preprocessed = labeled_dataset["raw"] / name, labeled_dataset["preprocessed"] / name
+    for sub in ("imagesTr", "labelsTr", "imagesUnlabeled"):
+        (raw / sub).mkdir(parents=True)
+        for f in (source / sub).iterdir():
+            os.link(f, raw / sub / f.name)
+    (raw / "dataset.json").write_text((source / "dataset.json").read_text())
+    preprocessed.mkdir()
+    for f in (f"{SMALL_PLANS}.json", "dataset.json", "splits_final.json"):
+        (preprocessed / f).write_text((labeled_dataset["preprocessed"] / DATASET / f).read_text())
+    validation = json.loads((preprocessed / "splits_final.json").read_text())[0]["val"][0]
+    copy = raw / "imagesUnlabeled" / "scan_from_elsewhere_0000.nii.gz"
+    sitk.WriteImage(sitk.ReadImage(str(raw / "imagesTr" / f"{validation}_0000.nii.gz")), str(copy))  # new bytes
+    before = _snapshot(labeled_dataset["root"])
+    recipe = build_recipe(build_parser().parse_args([*_argv()[2:], "-d", "967", "-f", "0"]))
+    assert sorted(recipe.unlabeled) == UNLABELED
+    said = capsys.readouterr().out
+    assert f"scan_from_elsewhere (same voxels as imagesTr case {validation})" in said
+    assert _snapshot(labeled_dataset["root"]) == before
 
 
 def test_a_trainer_that_refuses_the_ignore_label_is_refused_before_any_work(labeled_dataset):

@@ -13,8 +13,9 @@ from nnunet_sassnet.selftraining.recipe import Recipe, planned_student_names
 from nnunet_sassnet.selftraining.state import RoundState
 from nnunet_sassnet.selftraining.student_dataset import ignore_label_for, labeled_cases, labeled_splits
 from nnunet_sassnet.selftraining.training import TrainedModel, find_trainer_class, model_folder
-from nnunet_sassnet.unlabeled.cases import UNLABELED_IMAGES_FOLDER, list_unlabeled_cases
-from nnunet_sassnet.unlabeled.cases import read_raw_dataset_json
+from nnunet_sassnet.unlabeled.cases import UNLABELED_IMAGES_FOLDER, list_unlabeled_cases, read_raw_dataset_json
+from nnunet_sassnet.unlabeled.labeled_copies import describe_labeled_copies, find_labeled_copies
+from nnunet_sassnet.unlabeled.raw_fingerprints import FingerprintCache
 
 __all__ = ["build_recipe"]
 
@@ -46,20 +47,33 @@ def _check_ranges(args: argparse.Namespace) -> None:
 
 
 def _unlabeled_cases(raw_dataset: Path, dataset_json: dict) -> dict[str, list[str]]:
-    return list_unlabeled_cases(str(raw_dataset), dataset_json, needed_by="self-training pseudo-labels them")
+    """The unlabeled scans to pseudo-label: those of ``imagesUnlabeled`` that are no labeled case.
+
+    A scan that is a case of ``imagesTr`` (same name or same voxels) is left out by the rule of the unlabeled
+    pipeline (:mod:`~nnunet_sassnet.unlabeled.labeled_copies`), said in one line: its pseudo-labeled copy would be
+    a training case of the fold in which the labeled case validates. Fingerprints are kept in memory only: the
+    checks write nothing.
+    """
+    unlabeled = list_unlabeled_cases(str(raw_dataset), dataset_json, needed_by="self-training pseudo-labels them")
+    copies = find_labeled_copies(str(raw_dataset), list(unlabeled), FingerprintCache(None))
+    if not copies:
+        return unlabeled
+    print(describe_labeled_copies(str(raw_dataset), copies), flush=True)
+    remaining = {case: files for case, files in unlabeled.items() if case not in copies}
+    if not remaining:
+        raise UserInputError(f"{raw_dataset / UNLABELED_IMAGES_FOLDER}: every scan there is a case of imagesTr (same "
+                             f"name or same voxels); self-training pseudo-labels scans without labels: put those "
+                             f"there")
+    return remaining
 
 
-def _labeled_cases(raw_dataset: Path, dataset_json: dict, unlabeled: dict) -> dict[str, dict]:
+def _labeled_cases(raw_dataset: Path, dataset_json: dict) -> dict[str, dict]:
     labeled = labeled_cases(raw_dataset, dataset_json)
     if not labeled:
         raise UserInputError(f"{raw_dataset / 'imagesTr'}: no labeled cases; the teacher learns from them")
     missing = [files["label"] for files in labeled.values() if not Path(files["label"]).is_file()]
     if missing:
         raise UserInputError(f"{missing[0]}: label file missing for a case of imagesTr; add it or remove the case")
-    both = sorted(set(labeled) & set(unlabeled))
-    if both:
-        raise UserInputError(f"{raw_dataset / UNLABELED_IMAGES_FOLDER}: case {both[0]} is in imagesTr too; the "
-                             f"student's dataset holds both as training cases: rename the unlabeled one")
     return labeled
 
 
@@ -195,7 +209,7 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
     raw_dataset = folders.raw / dataset
     dataset_json = read_raw_dataset_json(str(raw_dataset))
     unlabeled = _unlabeled_cases(raw_dataset, dataset_json)
-    labeled = _labeled_cases(raw_dataset, dataset_json, unlabeled)
+    labeled = _labeled_cases(raw_dataset, dataset_json)
     folds = tuple(args.f)
     if args.teacher_model:
         teacher = _given_teacher(args, folds, dataset_json, raw_dataset)

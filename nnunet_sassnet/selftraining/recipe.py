@@ -241,7 +241,8 @@ def _kept_cases(state: RoundState) -> list[str]:
 
 def unlabeled_to_pseudo_label(recipe: Recipe) -> dict[str, list[str]]:
     """The unlabeled cases (case -> its channel files) that the teacher pseudo-labels and the student's dataset
-    holds as training cases: the one place that decides it, where a filter of the unlabeled scans belongs."""
+    holds as training cases: the one place that decides it. Scans that are labeled cases were left out when the
+    command was checked (``checks._unlabeled_cases``, the unlabeled pipeline's rule)."""
     return recipe.unlabeled
 
 
@@ -290,7 +291,7 @@ def _dataset_step(recipe: Recipe, state: RoundState, say: _Progress, teacher: Tr
         pseudo_labeled = _pseudo_labeled_images(recipe)
         kept = [c for c in _kept_cases(state) if c in pseudo_labeled]
         dataset_json = student_dataset_json(recipe.dataset_json, len(recipe.labeled) + len(kept),
-                                            recipe.ignore_label)
+                                            recipe.ignore_label, kept)
         link_raw_dataset(state.folder, recipe.labeled, recipe.unlabeled,
                          {case: pseudo_labeled[case][0] for case in kept}, dataset_json)
         preprocessed = recipe.folders.preprocessed / state.folder.name

@@ -18,9 +18,10 @@ import copy
 import json
 from pathlib import Path
 
+from nnunet_sassnet.atomic_files import write_json_atomic
 from nnunet_sassnet.errors import UserInputError
 from nnunet_sassnet.selftraining.folders import link_file
-from nnunet_sassnet.atomic_files import write_json_atomic
+from nnunet_sassnet.unlabeled.labeled_copies import PSEUDO_LABELED_CASES_KEY
 
 __all__ = ["labeled_cases", "ignore_label_for", "student_dataset_json", "link_raw_dataset", "transfer_plans",
            "labeled_splits", "student_splits", "preprocess_student"]
@@ -43,13 +44,17 @@ def ignore_label_for(dataset_json: dict, ignore_below: float | None) -> int | No
     return max(int(v) for v in labels.values()) + 1
 
 
-def student_dataset_json(dataset_json: dict, num_training: int, ignore_label: int | None) -> dict:
-    """The labeled dataset's dataset.json for the student: its own case count, the ignore label where used.
+def student_dataset_json(dataset_json: dict, num_training: int, ignore_label: int | None,
+                         pseudo_labeled_cases: list[str]) -> dict:
+    """The labeled dataset's dataset.json for the student: its own case count, the ignore label where used, and
+    which cases are pseudo-labeled (so that a semi-supervised student still reads their scans in
+    ``imagesUnlabeled``, see :mod:`~nnunet_sassnet.unlabeled.labeled_copies`; nnU-Net ignores the key).
 
     An explicit ``dataset`` file list is dropped: the student's cases are in its own imagesTr and labelsTr.
     """
-    result = {k: v for k, v in dataset_json.items() if k != "dataset"}
+    result = {k: v for k, v in dataset_json.items() if k not in ("dataset", PSEUDO_LABELED_CASES_KEY)}
     result["numTraining"] = num_training
+    result[PSEUDO_LABELED_CASES_KEY] = sorted(pseudo_labeled_cases)
     if ignore_label is not None and "ignore" not in result["labels"]:
         # nnU-Net requires the ignore label to be the highest one
         result["labels"] = {**result["labels"], "ignore": ignore_label}

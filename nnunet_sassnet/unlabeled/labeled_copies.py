@@ -3,6 +3,10 @@
 A scan in ``imagesUnlabeled`` that is a case of ``imagesTr`` would, in a fold where that case validates, be trained
 on (without its label) and so leak into the validation; in the other folds it would be used twice. Such a scan is
 therefore never unlabeled data, whatever the fold.
+
+Pseudo-labeled cases are not labeled cases here: a self-training student's dataset lists them in its dataset.json
+(:data:`PSEUDO_LABELED_CASES_KEY`); they never validate, and a semi-supervised student reads their scans as unlabeled
+data on purpose (its pseudo-labels are the teacher's guesses, not annotations).
 """
 from __future__ import annotations
 
@@ -13,7 +17,10 @@ from collections import defaultdict
 from nnunet_sassnet.unlabeled.cases import list_unlabeled_cases, read_raw_dataset_json
 from nnunet_sassnet.unlabeled.raw_fingerprints import FingerprintCache, fingerprint_cache_for
 
-__all__ = ["find_labeled_copies", "describe_labeled_copies"]
+__all__ = ["find_labeled_copies", "describe_labeled_copies", "PSEUDO_LABELED_CASES_KEY"]
+
+#: key of a dataset.json that lists the imagesTr cases whose labels are pseudo-labels (self-training's students)
+PSEUDO_LABELED_CASES_KEY = "pseudo_labeled_cases"
 
 
 def find_labeled_copies(raw_dataset_folder: str, unlabeled_cases: list[str] | None = None,
@@ -41,6 +48,8 @@ def find_labeled_copies(raw_dataset_folder: str, unlabeled_cases: list[str] | No
     has_labeled = "dataset" in dataset_json or os.path.isdir(os.path.join(raw_dataset_folder, "imagesTr"))
     labeled = {case: files["images"] for case, files in get_filenames_of_train_images_and_targets(
         raw_dataset_folder, copy.deepcopy(dataset_json)).items()} if has_labeled else {}
+    for case in dataset_json.get(PSEUDO_LABELED_CASES_KEY, ()):
+        labeled.pop(case, None)
     copies = {case: case for case in unlabeled if case in labeled}
     remaining = {case: files for case, files in unlabeled.items() if case not in copies}
     if not remaining or not labeled:
