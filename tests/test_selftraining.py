@@ -325,17 +325,6 @@ def test_bad_input_is_one_line_and_writes_nothing(labeled_dataset, one_round, tm
         assert _snapshot(labeled_dataset["root"]) == before, args
 
 
-def test_a_trainer_that_refuses_the_ignore_label_is_refused_before_any_work(labeled_dataset):
-    before = _snapshot(labeled_dataset["root"])
-    refused = _selftrain(labeled_dataset, "-f", "0", "--student-trainer", "nnUNetTrainerSASSNet", "--ignore-below",
-                         "0.9", check=False)
-    assert refused.returncode == 2
-    errors = [line for line in refused.stdout.splitlines() if line.startswith("error:")]
-    assert errors == [refused.stdout.strip().splitlines()[-1]]
-    assert "--student-trainer nnUNetTrainerSASSNet" in errors[0] and "--student-trainer nnUNetTrainer " in errors[0]
-    assert _snapshot(labeled_dataset["root"]) == before
-
-
 def test_force_deletes_the_round_and_what_it_made_and_starts_it_again(labeled_dataset, one_round, confident_round):
     """Defined last: it deletes the confident round that the tests above read."""
     raw = labeled_dataset["raw"] / CONFIDENT_STUDENT

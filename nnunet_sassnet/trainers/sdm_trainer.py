@@ -26,6 +26,7 @@ from nnunet_sassnet.errors import install_excepthook
 from nnunet_sassnet.networks import SASSNetwork, unwrap_module
 from nnunet_sassnet.nnunet_tools import cap_torch_threads
 from nnunet_sassnet.progress import SASSNetLocalLogger
+from nnunet_sassnet.trainers.ignore_label import masked_mse, sdm_targets_where_known
 from nnunet_sassnet.sdm import signed_distance_maps
 
 __all__ = ["nnUNetTrainerSDM", "NonFiniteLossError", "sdm_channel_slice"]
@@ -101,10 +102,6 @@ class nnUNetTrainerSDM(nnUNetTrainer):
             raise NotImplementedError(
                 f"{self.__class__.__name__} does not support cascade configurations yet "
                 f"({self.configuration_name}); train 3d_fullres, 3d_lowres or 2d")
-        if self.label_manager.has_ignore_label:
-            raise NotImplementedError(
-                f"{self.__class__.__name__} does not support datasets with an ignore label yet (sparse "
-                f"annotations); SDM targets need complete labels")
         cpu_ddp = self.is_ddp and self.device.type == "cpu"
         if cpu_ddp:
             self.is_ddp = False  # nnU-Net's initialize would wrap the network with CUDA device ids
@@ -172,9 +169,19 @@ class nnUNetTrainerSDM(nnUNetTrainer):
             seg_labeled = seg_output[:num_labeled]
             full_res_target = target
         seg_loss = self.loss(seg_labeled, target)
-        sdm_pred = sdm_output[:num_labeled, self.sdm_channels].float()
-        sdm_loss = F.mse_loss(sdm_pred, self.sdm_targets(full_res_target))
+        sdm_loss = self.sdm_loss(sdm_output[:num_labeled, self.sdm_channels].float(), full_res_target)
         return {"seg_loss": seg_loss, "sdm_loss": sdm_loss}
+
+    def sdm_loss(self, sdm_prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """MSE of the SDM head's channels (N, K, ...) against the SDMs of nnU-Net's full-resolution ``target``.
+
+        With an ignore label, only where the SDM is the same whatever the ignored voxels' labels are (see
+        :mod:`~nnunet_sassnet.trainers.ignore_label`).
+        """
+        if not self.label_manager.has_ignore_label:
+            return F.mse_loss(sdm_prediction, self.sdm_targets(target))
+        sdm, determined = sdm_targets_where_known(target, self.label_manager, self.sdm_channels, self.sdm_spacing)
+        return masked_mse(sdm_prediction, sdm, determined)
 
     def supervised_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         """Segmentation loss + alpha * SDM loss."""

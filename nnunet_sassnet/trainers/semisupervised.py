@@ -26,6 +26,7 @@ from torch import distributed as dist
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
 from nnunet_sassnet.networks import unwrap_module
+from nnunet_sassnet.trainers.ignore_label import without_ignore_label
 from nnunet_sassnet.trainers.sdm_trainer import nnUNetTrainerSDM
 from nnunet_sassnet.unlabeled import ensure_preprocessed, make_unlabeled_loader, unlabeled_preprocessed_folder
 
@@ -151,7 +152,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainerSDM):
         """nnU-Net's own loader and training augmentation over ``unlabeled_preprocessed_folder``; random patches."""
         configured = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         return make_unlabeled_loader(self.unlabeled_preprocessed_folder, self.unlabeled_batch_size or self.batch_size,
-                                     configured[2], self.configuration_manager.patch_size, self.label_manager,
+                                     configured[2], self.configuration_manager.patch_size,
+                                     without_ignore_label(self.label_manager),
                                      self.unlabeled_transforms(configured), get_allowed_n_proc_DA(),
                                      pin_memory=self.device.type == "cuda",
                                      log_file=self.log_file if self.local_rank == 0 else None)
