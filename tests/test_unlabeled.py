@@ -245,21 +245,3 @@ def test_no_plans_yet_is_refused(dataset_copy):
     result = run(["nnunet_sassnet_preprocess_unlabeled", "-d", "990", "-c", "3d_fullres", "-p", "NoSuchPlans"],
                  ds["env"], check=False)
     assert_refused(result, "NoSuchPlans.json", "nnUNetv2_plan_and_preprocess")
-
-
-def test_cascade_is_not_implemented(dataset_copy, monkeypatch):
-    import torch
-    from nnunetv2.run.run_training import get_trainer_from_args
-
-    ds = dataset_copy
-    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
-        monkeypatch.setenv(key, ds["env"][key])
-    plans_file = ds["pre"] / f"{SMALL_PLANS}.json"
-    plans = json.loads(plans_file.read_text())
-    plans["configurations"]["3d_lowres"] = {**plans["configurations"]["3d_fullres"], "next_stage": "3d_cascade_fullres"}
-    plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
-    plans_file.write_text(json.dumps(plans))
-    trainer = get_trainer_from_args("990", "3d_cascade_fullres", "all", "nnUNetTrainerSASSNet", SMALL_PLANS,
-                                    device=torch.device("cpu"))
-    with pytest.raises(NotImplementedError, match="cascade"):
-        trainer.initialize()
