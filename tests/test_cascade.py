@@ -15,7 +15,7 @@ import torch
 from conftest import SMALL_PLANS, run, training_environment
 from planned_copies import copy_planned_dataset
 from nnunet_sassnet.discovery import trainer_dir
-from nnunet_sassnet.unlabeled.previous_stage import PREDICTIONS_FOLDER, previous_stage_key
+from nnunet_sassnet.unlabeled.previous_stage import PREDICTIONS_FOLDER, predict_previous_stage, previous_stage_key
 
 TRAINER_DIR = Path(__file__).parent / "cascade_trainers"
 LOWRES_TRAINER = "nnUNetTrainer_lowres_smoke"
@@ -42,7 +42,7 @@ def cascade_dataset(tiny_dataset, tmp_path_factory) -> dict:
 
 
 @pytest.mark.slow
-def test_lowres_then_cascade_with_a_package_trainer_then_prediction(cascade_dataset, tmp_path):
+def test_lowres_then_cascade_with_a_package_trainer_then_prediction(cascade_dataset, tmp_path, monkeypatch):
     ds = cascade_dataset
     dataset = str(ds["dataset_id"])
     env = {**training_environment(ds["env"]), "nnUNet_extTrainer": f"{TRAINER_DIR}{os.pathsep}{trainer_dir()}"}
@@ -69,10 +69,24 @@ def test_lowres_then_cascade_with_a_package_trainer_then_prediction(cascade_data
         segmentation = blosc2.open(str(made[0] / f"{case}.b2nd"), mode="r")[:]
         assert segmentation.shape == blosc2.open(str(unlabeled / f"{case}.b2nd"), mode="r").shape[1:]
         assert set(np.unique(segmentation)) <= {0, 1}
+    # the same model and data: the folder is reused; another lowres checkpoint: made again, the old one deleted
+    monkeypatch.setenv("nnUNet_extTrainer", env["nnUNet_extTrainer"])  # the predictor finds the lowres trainer
+    args = (str(lowres_model), "all", str(lowres_unlabeled), str(unlabeled), "3d_cascade_fullres",
+            torch.device("cpu"), "nnUNetv2_train ...")
+    messages = []
+    assert predict_previous_stage(*args, log=messages.append) == str(made[0]) and "made from" in messages[-1]
+    checkpoint_file = lowres_model / "fold_all" / "checkpoint_final.pth"
+    checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
+    next(iter(checkpoint["network_weights"].values())).add_(0.5)  # as if the lowres model were trained again
+    torch.save(checkpoint, checkpoint_file)
+    remade = Path(predict_previous_stage(*args, log=messages.append))
+    assert remade != made[0] and not made[0].exists() and "predicts 4 cases" in messages[-1]
+    assert sorted(p.name for p in remade.iterdir()) == [f"{case}.b2nd" for case in ("un000", "un001", "un002", "un003")]
+
     cascade_fold = results / f"{CASCADE_TRAINER}__{SMALL_PLANS}__3d_cascade_fullres" / "fold_all"
     assert (cascade_fold / "checkpoint_final.pth").is_file()
     logged = torch.load(cascade_fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["logging"]
-    assert len(logged["train_losses"]) == 2 and np.isfinite(logged["train_losses"]).all()
+    assert len(logged["train_losses"]) == 1 and np.isfinite(logged["train_losses"]).all()
     assert np.isfinite(logged["gen_losses"]).all()  # the unlabeled term ran, on inputs with their lowres channels
 
     # prediction as nnU-Net does it: the lowres stage, then the cascade with -prev_stage_predictions

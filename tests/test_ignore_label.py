@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from conftest import SMALL_PLANS, run, training_environment
 from planned_copies import copy_planned_dataset
 from nnunet_sassnet.discovery import trainer_dir
+from nnunet_sassnet.nnunet_tools import stop_process_group
 from nnunet_sassnet.sdm import signed_distance_maps, signed_distance_maps_where_known
 
 DATASET = 990  # a copy of the tiny dataset
@@ -202,42 +202,47 @@ def test_selftraining_accepts_this_packages_trainers_as_students_of_ignore_below
 
 # ---- nnU-Net's commands -------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_scribbles_train_resume_and_predict_with_nnunets_commands(scribble_dataset, tmp_path):
+def test_scribbles_train_resume_and_predict_with_nnunets_commands(scribble_dataset, tmp_path, monkeypatch):
     ds = scribble_dataset
     marks = tmp_path / "marks"
     marks.mkdir()
     env = {**training_environment(ds["env"]), "nnUNet_extTrainer": f"{TRAINER_DIR}{os.pathsep}{trainer_dir()}",
            "SASSNET_TEST_DIR": str(marks), "SASSNET_TEST_PAUSE_AT": "3", "SASSNET_TEST_SKIP_VALIDATION": "1"}
-    fold = ds["root"] / "results" / ds["dataset_name"] / f"{RESUMABLE_TRAINER}__{SMALL_PLANS}__3d_fullres" / "fold_0"
-    interrupted = tmp_path / "checkpoint_latest.pth"
+    model = ds["root"] / "results" / ds["dataset_name"] / f"{RESUMABLE_TRAINER}__{SMALL_PLANS}__3d_fullres"
+    fold = model / "fold_0"
+    started = []
 
-    def keep_the_first_epochs_checkpoint() -> None:
-        """At the second epoch's first step: keep checkpoint_latest.pth (nnU-Net deletes it at the end), go on."""
+    def stop_in_the_second_epoch() -> None:
+        """At the second epoch's first step (checkpoint_latest.pth of the first epoch written): stop the run."""
         deadline = time.monotonic() + 300
         while not (marks / "paused_0_3").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        shutil.copy(fold / "checkpoint_latest.pth", interrupted)
-        (marks / "resume_0_3").touch()
+        stop_process_group(started[0])
 
-    watcher = threading.Thread(target=keep_the_first_epochs_checkpoint, daemon=True)
+    watcher = threading.Thread(target=stop_in_the_second_epoch, daemon=True)
     watcher.start()
     train = ["nnUNetv2_train", str(DATASET), "3d_fullres", "0", "-tr", RESUMABLE_TRAINER, "-p", SMALL_PLANS,
              "-device", "cpu"]
-    run(train, env)
-    watcher.join(timeout=10)
-    first = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    assert all(np.isfinite(first["logging"]["train_losses"])) and all(np.isfinite(first["logging"]["sdm_losses"]))
-    # as if the run had stopped in its second epoch: nnU-Net's --c continues from checkpoint_latest.pth
-    (fold / "checkpoint_final.pth").unlink()
-    shutil.copy(interrupted, fold / "checkpoint_latest.pth")
+    stopped = run(train, env, check=False, on_start=started.append)
+    watcher.join(timeout=60)
+    assert stopped.returncode != 0 and not (fold / "checkpoint_final.pth").exists(), stopped.stdout[-3000:]
+    interrupted = torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
+    assert np.isfinite(interrupted["logging"]["train_losses"]).all()
+    assert np.isfinite(interrupted["logging"]["sdm_losses"]).all()
+    # nnU-Net's --c continues from checkpoint_latest.pth
     run([*train, "--c"], {**env, "SASSNET_TEST_PAUSE_AT": ""})
     log = "\n".join(p.read_text() for p in sorted(fold.glob("training_log_*.txt")))
     assert "failure test: starts at iteration 3," in log
     resumed = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert resumed["current_epoch"] == 2 and resumed["sassnet"]["current_iteration"] == 6
-    out = tmp_path / "pred"
-    run(["nnUNetv2_predict", "-i", str(ds["root"] / "raw" / ds["dataset_name"] / "imagesTs"), "-o", str(out),
-         "-d", str(DATASET), "-c", "3d_fullres", "-tr", RESUMABLE_TRAINER, "-p", SMALL_PLANS, "-f", "0",
-         "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"], env)
-    prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "ts000.nii.gz")))
+    # nnU-Net's predictor (what nnUNetv2_predict runs; here in this process: no worker processes to start)
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    monkeypatch.setenv("nnUNet_extTrainer", env["nnUNet_extTrainer"])
+    predictor = nnUNetPredictor(device=torch.device("cpu"), use_mirroring=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model), use_folds=(0,), checkpoint_name="checkpoint_final.pth")
+    image = ds["root"] / "raw" / ds["dataset_name"] / "imagesTs" / "ts000_0000.nii.gz"
+    data, properties = SimpleITKIO().read_images([str(image)])
+    prediction = predictor.predict_single_npy_array(data, properties)
     assert prediction.shape == (24, 24, 24) and set(np.unique(prediction)) <= {0, 1}  # never the ignore label

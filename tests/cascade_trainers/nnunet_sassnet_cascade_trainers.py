@@ -20,10 +20,15 @@ class nnUNetTrainer_lowres_smoke(nnUNetTrainer):
 
 
 class nnUNetTrainerSASSNet_cascade_smoke(nnUNetTrainerSASSNet_smoke):
-    """SASSNet (2 epochs of 3 steps, a small discriminator) whose previous stage is the plain lowres model."""
+    """SASSNet (one epoch of three steps, a small discriminator) whose previous stage is the plain lowres model."""
 
     previous_stage_trainer = "nnUNetTrainer_lowres_smoke"
     discriminator_features = 16
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 1
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         """No final validation (nnU-Net's own code, unchanged; its export processes cost the test seconds)."""
