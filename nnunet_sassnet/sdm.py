@@ -28,7 +28,7 @@ import edt
 import numpy as np
 import torch
 
-__all__ = ["signed_distance_map", "signed_distance_map_torch", "signed_distance_maps"]
+__all__ = ["signed_distance_map", "signed_distance_map_torch", "signed_distance_maps", "signed_distance_maps_where_known"]
 
 
 def _validate_spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, ...] | None:
@@ -241,3 +241,60 @@ def signed_distance_maps(masks: torch.Tensor, spacing: Sequence[float] | None = 
     array = masks.bool().numpy()
     return torch.from_numpy(np.stack([signed_distance_map(m, spacing) for m in array])) if len(array) else \
         torch.zeros(masks.shape, dtype=torch.float32)
+
+
+def signed_distance_maps_where_known(masks: torch.Tensor, known: torch.Tensor,
+                                     spacing: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDMs of masks that are known only in part, and where their values are determined.
+
+    An SDM value is a global function of the mask: a voxel's distance, whether it lies on the boundary and the
+    patch's largest distance (the normalisation) may all depend on the voxels whose label is unknown. Every
+    completion ``M`` of the unknown voxels lies between the two extreme ones, ``low`` (unknown voxels as background)
+    and ``high`` (as foreground), and each of those quantities is monotone in ``M``: a background voxel's distance
+    to the foreground and the largest such distance shrink as ``M`` grows, a foreground voxel's distance to the
+    background and the largest such distance grow, the boundary shrinks. So a known voxel whose distance, boundary
+    status and side's largest distance are the same for ``low`` and ``high`` has the same SDM value for every
+    completion: that value is the target, and such voxels are the ones marked determined.
+
+    Parameters
+    ----------
+    masks : Tensor
+        (N, *spatial) foreground where known (values at unknown voxels are not read).
+    known : Tensor
+        (N, *spatial) bool, True where the label is known.
+    spacing : sequence of float, optional
+        As :func:`signed_distance_maps`.
+
+    Returns
+    -------
+    (sdm, determined): float32 SDMs of ``low`` (:func:`signed_distance_maps`; on determined voxels the value of
+    every completion) and a bool tensor, True where that value is determined. Fully known masks are determined
+    everywhere. On the masks' device, without host-device synchronisation.
+    """
+    if masks.shape != known.shape or masks.ndim < 2:
+        raise ValueError(f"masks and known must both be (N, *spatial), got {tuple(masks.shape)} and "
+                         f"{tuple(known.shape)}")
+    known = known.bool()
+    low = masks.bool() & known
+    high = low | ~known
+    ndim = masks.ndim - 1
+    if masks.numel() == 0:
+        return torch.zeros(masks.shape, dtype=torch.float32, device=masks.device), known
+    both = torch.cat((low, high))
+    edt_spacing = _validate_spacing(spacing, ndim) or (1.0,) * ndim
+    # squared distance of every voxel to the nearest voxel of the other side of its filling; exact sums of squared
+    # integer steps (times squared spacings), so equal distances compare equal; a side with no voxel gives the
+    # same large value for both fillings
+    to_background = _squared_edt_torch(~both, edt_spacing)
+    to_foreground = _squared_edt_torch(both, edt_spacing)
+    distance = torch.where(both, to_background, to_foreground)
+    reduce_dims = tuple(range(1, ndim + 1))
+    max_inside = torch.where(both, distance, 0.0).amax(dim=reduce_dims)
+    max_outside = torch.where(both, 0.0, distance).amax(dim=reduce_dims)
+    boundary = both & _has_background_face_neighbour(both)
+    n = masks.shape[0]
+    per_patch = (n,) + (1,) * ndim
+    same_inside = (max_inside[:n] == max_inside[n:]).view(per_patch) & (boundary[:n] == boundary[n:])
+    same_outside = (max_outside[:n] == max_outside[n:]).view(per_patch)
+    determined = known & (distance[:n] == distance[n:]) & torch.where(low, same_inside, same_outside)
+    return signed_distance_maps(low, spacing), determined

@@ -439,17 +439,6 @@ def test_a_copy_of_a_validation_case_in_imagesUnlabeled_is_not_pseudo_labeled(la
     assert _snapshot(labeled_dataset["root"]) == before
 
 
-def test_a_trainer_that_refuses_the_ignore_label_is_refused_before_any_work(labeled_dataset):
-    before = _snapshot(labeled_dataset["root"])
-    refused = _selftrain(labeled_dataset, "-f", "0", "--student-trainer", "nnUNetTrainerSASSNet", "--ignore-below",
-                         "0.9", check=False)
-    assert refused.returncode == 2
-    errors = [line for line in refused.stdout.splitlines() if line.startswith("error:")]
-    assert errors == [refused.stdout.strip().splitlines()[-1]]
-    assert "--student-trainer nnUNetTrainerSASSNet" in errors[0] and "--student-trainer nnUNetTrainer " in errors[0]
-    assert _snapshot(labeled_dataset["root"]) == before
-
-
 def test_force_keeps_a_teacher_fold_that_other_rounds_use_and_marks_rounds_taught_by_its_student_to_redo(
         labeled_dataset, one_round, confident_round):
     """--force of the first round: its teacher fold 0 is the --teacher-model of the confident round (kept), and a

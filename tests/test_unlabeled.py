@@ -256,34 +256,6 @@ def test_no_plans_yet_is_refused(dataset_copy):
     assert_refused(result, "NoSuchPlans.json", "nnUNetv2_plan_and_preprocess")
 
 
-def test_ignore_label_and_cascade_are_not_implemented(dataset_copy, monkeypatch):
-    import torch
-    from nnunetv2.run.run_training import get_trainer_from_args
-
-    ds = dataset_copy
-    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
-        monkeypatch.setenv(key, ds["env"][key])
-    dataset_json = ds["pre"] / "dataset.json"
-    content = json.loads(dataset_json.read_text())
-    content["labels"]["ignore"] = 2
-    dataset_json.write_text(json.dumps(content))
-    trainer = get_trainer_from_args("990", "3d_fullres", "all", "nnUNetTrainerSASSNet", SMALL_PLANS,
-                                    device=torch.device("cpu"))
-    with pytest.raises(NotImplementedError, match="ignore label"):
-        trainer.initialize()
-    del content["labels"]["ignore"]
-    dataset_json.write_text(json.dumps(content))
-    plans_file = ds["pre"] / f"{SMALL_PLANS}.json"
-    plans = json.loads(plans_file.read_text())
-    plans["configurations"]["3d_lowres"] = {**plans["configurations"]["3d_fullres"], "next_stage": "3d_cascade_fullres"}
-    plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
-    plans_file.write_text(json.dumps(plans))
-    trainer = get_trainer_from_args("990", "3d_cascade_fullres", "all", "nnUNetTrainerSASSNet", SMALL_PLANS,
-                                    device=torch.device("cpu"))
-    with pytest.raises(NotImplementedError, match="cascade"):
-        trainer.initialize()
-
-
 HUGE_HEADER_CHECK = """
 import resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (4 * 1024 ** 3, 4 * 1024 ** 3))  # a 4 GB memory limit

@@ -11,7 +11,7 @@ from nnunet_sassnet.selftraining.folders import DATASET_NAME, NnunetFolders, dat
 from nnunet_sassnet.selftraining.pseudo_labels import ConfidenceOptions, PredictorSettings
 from nnunet_sassnet.selftraining.recipe import Recipe, planned_student_names
 from nnunet_sassnet.selftraining.state import RoundState
-from nnunet_sassnet.selftraining.student_dataset import ignore_label_for, labeled_cases, labeled_splits
+from nnunet_sassnet.selftraining.student_dataset import labeled_cases, labeled_splits
 from nnunet_sassnet.selftraining.training import TrainedModel, find_trainer_class, model_folder
 from nnunet_sassnet.unlabeled.cases import UNLABELED_IMAGES_FOLDER, list_unlabeled_cases, read_raw_dataset_json
 from nnunet_sassnet.unlabeled.labeled_copies import describe_labeled_copies, find_labeled_copies
@@ -125,25 +125,14 @@ def _check_configuration(teacher: TrainedModel, plans: dict, plans_file: Path) -
 
 def _check_trainers(args: argparse.Namespace, teacher: TrainedModel, dataset_json: dict, raw_dataset: Path,
                     teacher_trained_here: bool) -> None:
-    """Every trainer exists; none of this package's trainers meets an ignore label (they refuse it)."""
-    from nnunet_sassnet.trainers import nnUNetTrainerSDM
-
-    student_ignore = ignore_label_for(dataset_json, args.ignore_below) is not None
-    labeled_ignore = "ignore" in dataset_json["labels"]
-    roles = [("--student-trainer", args.student_trainer or teacher.trainer, student_ignore)]
+    """Every trainer exists (nnU-Net's and this package's trainers all train on datasets with an ignore label)."""
+    roles = [("--student-trainer", args.student_trainer or teacher.trainer)]
     if teacher_trained_here:
-        roles.append(("-tr", teacher.trainer, labeled_ignore))
+        roles.append(("-tr", teacher.trainer))
     if args.fine_tune_trainer:
-        roles.append(("--fine-tune-trainer", args.fine_tune_trainer, labeled_ignore))
-    for option, name, has_ignore in roles:
-        trainer_class = find_trainer_class(name, option)
-        if has_ignore and issubclass(trainer_class, nnUNetTrainerSDM):
-            why = ("--ignore-below gives the student's dataset nnU-Net's ignore label" if not labeled_ignore
-                   else f"{raw_dataset / 'dataset.json'} has an ignore label")
-            fix = " or leave out --ignore-below" if not labeled_ignore else ""
-            raise UserInputError(f"{option} {name}: this package's trainers (nnUNetTrainerSDM and its subclasses) "
-                                 f"refuse datasets with an ignore label, and {why}; pass {option} nnUNetTrainer "
-                                 f"(or another trainer of nnU-Net's){fix}")
+        roles.append(("--fine-tune-trainer", args.fine_tune_trainer))
+    for option, name in roles:
+        find_trainer_class(name, option)
 
 
 def _check_folds(folds: tuple[str, ...], folders: NnunetFolders, dataset: str, labeled: dict) -> None:

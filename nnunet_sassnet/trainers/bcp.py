@@ -31,7 +31,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
 from scipy import ndimage
 from torch import nn
@@ -198,7 +197,13 @@ class nnUNetTrainerBCP(PretrainedOutputLayers, nnUNetTrainerEMATeacher):
                 f"one pair per direction, so it needs batch size >= 2 and unlabeled_batch_size equal to it (got "
                 f"{self.batch_size} and {unlabeled}); set unlabeled_batch_size = None in your trainer class or use "
                 f"plans with a batch size >= 2 per GPU")
-        self.ignore_value = self.label_manager.num_segmentation_heads  # one past the last label
+        if self.label_manager.has_regions and self.label_manager.has_ignore_label:
+            raise UserInputError(
+                f"{self.__class__.__name__}: region-based labels with an ignore label are not supported (the mixed "
+                f"patches' ignore channel); use labels without regions in dataset.json, or another trainer")
+        # one past the last label: nnU-Net's own ignore label where the dataset has one, so the voxels it marks
+        # stay ignored in both parts of a mixed patch
+        self.ignore_value = self.label_manager.num_segmentation_heads
         self.masked_loss = self._build_masked_loss()
         scales = self._get_deep_supervision_scales()
         self.ds_downsampling = DownsampleSegForDSTransform(scales) if scales is not None else None
@@ -268,7 +273,7 @@ class nnUNetTrainerBCP(PretrainedOutputLayers, nnUNetTrainerEMATeacher):
     def mixed_sdm_loss(self, sdm_output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The SDM head's MSE against the SDM of the mixed label map (zero with ``sdm_loss_weight = 0``)."""
         if self.sdm_loss_weight > 0:
-            return F.mse_loss(sdm_output[:, self.sdm_channels].float(), self.sdm_targets(target))
+            return self.sdm_loss(sdm_output[:, self.sdm_channels].float(), target)
         # the head stays in the graph with a zero gradient: DDP requires every parameter to take part
         return sdm_output.float().sum() * 0.0
 

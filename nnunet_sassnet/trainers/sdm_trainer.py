@@ -27,6 +27,8 @@ from nnunet_sassnet.errors import install_excepthook
 from nnunet_sassnet.networks import SASSNetwork, unwrap_module
 from nnunet_sassnet.nnunet_tools import cap_torch_threads
 from nnunet_sassnet.progress import SASSNetLocalLogger
+from nnunet_sassnet.trainers.cascade import previous_stage_segmentations
+from nnunet_sassnet.trainers.ignore_label import masked_mse, sdm_targets_where_known
 from nnunet_sassnet.sdm import signed_distance_maps
 
 __all__ = ["nnUNetTrainerSDM", "NonFiniteLossError", "sdm_channel_slice"]
@@ -54,6 +56,10 @@ class nnUNetTrainerSDM(nnUNetTrainer):
     #: SDM distances in mm ("physical") or voxels ("voxel", the published code); identical on isotropic data
     sdm_units: str = "physical"
 
+    #: cascade (3d_cascade_fullres): the trainer whose 3d_lowres model gives the previous stage's segmentations;
+    #: None: this trainer's own, as nnU-Net does (e.g. "nnUNetTrainer" for a plain nnU-Net lowres model)
+    previous_stage_trainer: str | None = None
+
     #: a step whose loss is not finite is skipped (and counted); after this many in a row the run stops
     max_consecutive_skipped_steps: int = 50
 
@@ -77,6 +83,8 @@ class nnUNetTrainerSDM(nnUNetTrainer):
             # nnU-Net's DDP branch assumes CUDA; with gloo on the CPU the requested device stays
             self.device = device
             self.grad_scaler = None
+        if self.is_cascaded and self.previous_stage_trainer is not None:
+            self.folder_with_segs_from_previous_stage = previous_stage_segmentations(self, self.previous_stage_trainer)
         if self.sdm_units not in ("physical", "voxel"):
             raise ValueError(f"sdm_units must be 'physical' or 'voxel', got {self.sdm_units!r}")
         self.logger.local_logger = SASSNetLocalLogger(self.extra_log_keys)
@@ -98,14 +106,6 @@ class nnUNetTrainerSDM(nnUNetTrainer):
         return SASSNetwork(unet, num_output_channels)
 
     def initialize(self):
-        if self.is_cascaded:
-            raise NotImplementedError(
-                f"{self.__class__.__name__} does not support cascade configurations yet "
-                f"({self.configuration_name}); train 3d_fullres, 3d_lowres or 2d")
-        if self.label_manager.has_ignore_label:
-            raise NotImplementedError(
-                f"{self.__class__.__name__} does not support datasets with an ignore label yet (sparse "
-                f"annotations); SDM targets need complete labels")
         cpu_ddp = self.is_ddp and self.device.type == "cpu"
         if cpu_ddp:
             self.is_ddp = False  # nnU-Net's initialize would wrap the network with CUDA device ids
@@ -173,9 +173,19 @@ class nnUNetTrainerSDM(nnUNetTrainer):
             seg_labeled = seg_output[:num_labeled]
             full_res_target = target
         seg_loss = self.loss(seg_labeled, target)
-        sdm_pred = sdm_output[:num_labeled, self.sdm_channels].float()
-        sdm_loss = F.mse_loss(sdm_pred, self.sdm_targets(full_res_target))
+        sdm_loss = self.sdm_loss(sdm_output[:num_labeled, self.sdm_channels].float(), full_res_target)
         return {"seg_loss": seg_loss, "sdm_loss": sdm_loss}
+
+    def sdm_loss(self, sdm_prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """MSE of the SDM head's channels (N, K, ...) against the SDMs of nnU-Net's full-resolution ``target``.
+
+        With an ignore label, only where the SDM is the same whatever the ignored voxels' labels are (see
+        :mod:`~nnunet_sassnet.trainers.ignore_label`).
+        """
+        if not self.label_manager.has_ignore_label:
+            return F.mse_loss(sdm_prediction, self.sdm_targets(target))
+        sdm, determined = sdm_targets_where_known(target, self.label_manager, self.sdm_channels, self.sdm_spacing)
+        return masked_mse(sdm_prediction, sdm, determined)
 
     def supervised_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         """Segmentation loss + alpha * SDM loss."""

@@ -27,6 +27,8 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
 from nnunet_sassnet.atomic_files import save_torch_atomic
 from nnunet_sassnet.networks import unwrap_module
+from nnunet_sassnet.trainers.cascade import previous_stage_of_unlabeled
+from nnunet_sassnet.trainers.ignore_label import without_ignore_label
 from nnunet_sassnet.trainers.sdm_trainer import nnUNetTrainerSDM
 from nnunet_sassnet.unlabeled import ensure_preprocessed, make_unlabeled_loader, unlabeled_preprocessed_folder
 
@@ -88,6 +90,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainerSDM):
         self.dataloader_unlabeled = None
         #: the lease on the unlabeled data's version this run reads (rank 0; see :func:`ensure_preprocessed`)
         self._unlabeled_data = None
+        #: cascade: the previous stage's segmentations of the unlabeled scans (see unlabeled.previous_stage)
+        self.unlabeled_previous_stage_folder = None
         self.unlabeled_preprocessed_folder = unlabeled_preprocessed_folder(
             self.preprocessed_dataset_folder_base, self.configuration_manager.data_identifier) \
             if self.preprocessed_dataset_folder_base is not None else None
@@ -123,12 +127,12 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainerSDM):
             self._unlabeled_data = ensure_preprocessed(
                 self.plans_manager.dataset_name, self.configuration_name, self.plans_manager.plans_name,
                 num_processes=max(1, get_allowed_n_proc_DA()), log=self.print_to_log_file)
-            folder = [self._unlabeled_data.folder]
+            folder = [self._unlabeled_data.folder, previous_stage_of_unlabeled(self, self._unlabeled_data.folder)]
         else:
-            folder = [None]
+            folder = [None, None]
         if self.is_ddp:
             dist.broadcast_object_list(folder, src=0)
-        self.unlabeled_preprocessed_folder = folder[0]
+        self.unlabeled_preprocessed_folder, self.unlabeled_previous_stage_folder = folder
 
     def get_dataloaders(self):
         self._ensure_unlabeled_data()
@@ -145,17 +149,19 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainerSDM):
             self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         return self.get_training_transforms(
             self.configuration_manager.patch_size, rotation, None, mirror_axes, dummy_2d,
-            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=False,
+            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=self.is_cascaded,
             foreground_labels=self.label_manager.foreground_labels, regions=None, ignore_label=None)
 
     def _unlabeled_dataloader(self):
         """nnU-Net's own loader and training augmentation over ``unlabeled_preprocessed_folder``; random patches."""
         configured = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         return make_unlabeled_loader(self.unlabeled_preprocessed_folder, self.unlabeled_batch_size or self.batch_size,
-                                     configured[2], self.configuration_manager.patch_size, self.label_manager,
+                                     configured[2], self.configuration_manager.patch_size,
+                                     without_ignore_label(self.label_manager),
                                      self.unlabeled_transforms(configured), get_allowed_n_proc_DA(),
                                      pin_memory=self.device.type == "cuda",
-                                     log_file=self.log_file if self.local_rank == 0 else None)
+                                     log_file=self.log_file if self.local_rank == 0 else None,
+                                     previous_stage_folder=self.unlabeled_previous_stage_folder)
 
     def on_train_end(self):
         super().on_train_end()
