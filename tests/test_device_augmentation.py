@@ -4,6 +4,7 @@ nnU-Net's distributions, and trainers train with it."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -23,6 +24,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunet_sassnet.augmentation import AugmentationConfig, DeviceAugmentation
 from nnunet_sassnet.augmentation import functional as AF
 from nnunet_sassnet.augmentation.parameters import PROBABILITIES
+from nnunet_sassnet.trainers import nnUNetTrainerBCP, trainer_variant
+from nnunet_sassnet.trainers.device_augmentation import DeviceAugmentedLoader
 
 ROTATION_3D = (-30. / 360 * 2. * np.pi, 30. / 360 * 2. * np.pi)
 ROTATION_FULL = (-np.pi, np.pi)
@@ -235,3 +238,77 @@ def test_parameter_distributions_follow_nnunets_pipeline():
     assert lo <= params.gamma_values.min() and params.gamma_values.max() <= hi
     _within_binomial(params.mirror.numpy(), 0.5)
     assert PROBABILITIES["mirror_per_axis"] == 0.5
+
+
+# ---- trainers -----------------------------------------------------------------------------------------------
+def started(trainer: str | type, augment_on_device: bool | None, **settings):
+    """A trainer on the tiny dataset (fold all, CPU), loaders started; ``trainer``: a name nnU-Net finds or a
+    class; ``augment_on_device`` None keeps the class's setting."""
+    from batchgenerators.utilities.file_and_folder_operations import join, load_json
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    from conftest import SMALL_PLANS
+
+    torch.manual_seed(0)
+    if isinstance(trainer, str):
+        trainer = get_trainer_from_args("990", "3d_fullres", "all", trainer, SMALL_PLANS, device=torch.device("cpu"))
+    else:
+        from nnunetv2.paths import nnUNet_preprocessed
+        from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+        folder = join(nnUNet_preprocessed, maybe_convert_to_dataset_name(990))
+        plans = {**load_json(join(folder, f"{SMALL_PLANS}.json")), "continue_training": False}  # as nnU-Net's CLI
+        trainer = trainer(plans, "3d_fullres", "all",
+                          load_json(join(folder, "dataset.json")), torch.device("cpu"))
+    if augment_on_device is not None:
+        trainer.augment_on_device = augment_on_device
+    for key, value in settings.items():
+        setattr(trainer, key, value)
+    trainer.on_train_start()
+    trainer.on_train_epoch_start()
+    return trainer
+
+
+def test_default_on_the_cpu_keeps_the_workers_augmenting(nnunet_paths):
+    trainer = started("nnUNetTrainerSDM_smoke", None)
+    assert trainer.augment_on_device is None and not trainer.augments_on_device
+    assert not isinstance(trainer.dataloader_train, DeviceAugmentedLoader)
+    assert trainer.dataloader_train.data_loader.transforms is not None
+
+
+#: BCP's two stages in four steps: labeled-labeled copy-paste for two, then labeled-unlabeled with the teacher
+nnUNetTrainerBCP_device_stages = trainer_variant(
+    nnUNetTrainerBCP, "nnUNetTrainerBCP_device_stages", __name__, num_epochs=4, num_iterations_per_epoch=1,
+    pretraining_fraction=0.5, gradient_probe_steps_per_epoch=0)
+
+
+@pytest.mark.parametrize("trainer", ["nnUNetTrainerSASSNet_smoke", nnUNetTrainerBCP_device_stages],
+                         ids=["SASSNet", "BCP"])
+def test_semi_supervised_trainers_train_with_both_streams_augmented_on_the_device(nnunet_paths, trainer):
+    trainer = started(trainer, True)
+    patch = tuple(trainer.configuration_manager.patch_size)
+    # the workers load and crop only: nnU-Net's enlarged patches, no transforms
+    for stream in (trainer.dataloader_train, trainer.dataloader_unlabeled):
+        assert isinstance(stream, DeviceAugmentedLoader) and stream.data_loader.transforms is None
+        assert tuple(next(stream.loader)["data"].shape[2:]) != patch
+    labeled, unlabeled = next(trainer.dataloader_train), next(trainer.dataloader_unlabeled)
+    assert labeled["data"].shape[2:] == patch and unlabeled["data"].shape[2:] == patch
+    assert isinstance(labeled["target"], list) and labeled["target"][0].shape[2:] == patch
+    assert labeled["target"][1].shape[2:] == tuple(s // 2 for s in patch)
+    assert set(torch.unique(labeled["target"][0]).tolist()) <= {0, 1}
+    # the unlabeled stream: the same pipeline without deep-supervision targets
+    assert trainer.dataloader_unlabeled.augmentation.config == dataclasses.replace(
+        trainer.dataloader_train.augmentation.config, deep_supervision_scales=None)
+    losses = [float(trainer.train_step(next(trainer.dataloader_train))["loss"]) for _ in range(4)]
+    assert all(np.isfinite(losses))
+
+
+def test_supervised_trainer_on_the_device_trains_and_ends(nnunet_paths):
+    trainer = started("nnUNetTrainerAugmentOnDevice", None, num_epochs=1, num_iterations_per_epoch=2,
+                      num_val_iterations_per_epoch=1)
+    assert trainer.augments_on_device and trainer.dataloader_train.data_loader.transforms is None
+    outputs = [trainer.train_step(next(trainer.dataloader_train)) for _ in range(2)]
+    assert all(np.isfinite(float(o["loss"])) for o in outputs)
+    trainer.on_train_epoch_end(outputs)
+    trainer.on_train_end()  # stops the workers of the wrapped loader
+    assert not isinstance(trainer.dataloader_train, DeviceAugmentedLoader)
