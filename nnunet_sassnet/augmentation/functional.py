@@ -54,8 +54,8 @@ def spatial_grids(angles: torch.Tensor, scales: torch.Tensor, input_shape: Seque
     space = [torch.linspace((1 - s) / 2, (s - 1) / 2, s) for s in patch_size]
     base = torch.stack(torch.meshgrid(space, indexing="ij"), -1).float().to(device)
     affine = _rotation_scaling_matrices(angles.double(), scales.double())
-    grids = torch.matmul(base[None], affine.transpose(1, 2).float().to(device)[:, None, None] if len(patch_size) == 3
-                         else affine.transpose(1, 2).float().to(device)[:, None])
+    flat = base.reshape(1, -1, len(patch_size)).expand(len(affine), -1, -1)
+    grids = torch.bmm(flat, affine.transpose(1, 2).float().to(device)).view(len(affine), *patch_size, len(patch_size))
     # the centre of the input is shape / 2 in SpatialTransform's coordinates, its offset from the grid's centre 0
     grids /= torch.tensor([s / 2 for s in input_shape], device=device)
     return torch.flip(grids, (-1,))
@@ -89,6 +89,14 @@ def _kernel_reaches_outside(grids: torch.Tensor, spatial_shape: Sequence[int]) -
     return (-flat.amin(1) > bound) | (flat.amax(1) > bound)
 
 
+def present_labels(segmentation: torch.Tensor) -> torch.Tensor:
+    """The sorted labels present in an integer tensor (a histogram: sorting the whole volume, as
+    ``torch.unique`` does on the CPU, is the slow way)."""
+    lo, hi = (int(v) for v in torch.aminmax(segmentation))
+    counts = torch.bincount((segmentation.flatten() - lo).long(), minlength=hi - lo + 1)
+    return (counts.nonzero().flatten() + lo).to(segmentation.dtype)
+
+
 def resample_segmentation(segmentation: torch.Tensor, grids: torch.Tensor, pad_label: int) -> torch.Tensor:
     """Segmentation resampling as nnU-Net's SpatialTransform does it (bilinear one-hot scores, ties to the nearest).
 
@@ -99,7 +107,7 @@ def resample_segmentation(segmentation: torch.Tensor, grids: torch.Tensor, pad_l
     b, c = segmentation.shape[:2]
     spatial = segmentation.shape[2:]
     reaches_outside = _kernel_reaches_outside(grids, spatial).to(segmentation.device)
-    labels = torch.unique(segmentation)
+    labels = present_labels(segmentation)
     if bool(reaches_outside.any()):
         labels = torch.unique(torch.cat((labels, torch.tensor([pad_label], dtype=labels.dtype,
                                                               device=labels.device))))
@@ -111,12 +119,15 @@ def resample_segmentation(segmentation: torch.Tensor, grids: torch.Tensor, pad_l
         return torch.full((b, c, *out_shape), int(labels[0]), dtype=segmentation.dtype, device=segmentation.device)
     # one grid_sample for all labels of all channels: the indicators share the grid
     indicators = (segmentation[:, :, None] == labels.view(1, 1, -1, *([1] * len(spatial)))).float()
-    is_pad = (labels == pad_label).view(1, 1, -1, *([1] * len(spatial)))
+    indicators.mul_(_SEG_SCORE_SCALE)
+    pad_index = (labels == pad_label).nonzero().flatten().tolist()
     # the padding label's indicator is 1 outside: sample (indicator - 1) with zeros padding, then add the 1 back
-    indicators = torch.where(is_pad, indicators - 1, indicators).mul_(_SEG_SCORE_SCALE)
+    for k in pad_index:
+        indicators[:, :, k].sub_(_SEG_SCORE_SCALE)
     scores = F.grid_sample(indicators.flatten(1, 2), grid, mode="bilinear", padding_mode="zeros",
                            align_corners=False).view(b, c, len(labels), *out_shape)
-    scores = torch.where(is_pad.view(1, 1, -1, *([1] * len(out_shape))), scores + _SEG_SCORE_SCALE, scores)
+    for k in pad_index:
+        scores[:, :, k].add_(_SEG_SCORE_SCALE)
     scores = scores.to(torch.float16)
     best, winner = scores.max(2)  # first maximum: ties go to the lowest label
     result = labels[winner]

@@ -78,7 +78,10 @@ class DeviceAugmentationMixin:
             mask_channels=tuple(i for i, m in enumerate(use_mask) if m), regions=tuple(regions) if regions else None,
             deep_supervision_scales=tuple(map(tuple, self._get_deep_supervision_scales()))
             if labeled and self.enable_deep_supervision else None)
-        return DeviceAugmentation(config, np.random.default_rng())
+        # numpy's global state (seeded by whoever seeds the run), the rank and the stream: ranks and streams draw
+        # apart, a seeded run draws the same again
+        seed = [int(np.random.randint(2 ** 31)), int(self.local_rank), int(labeled)]
+        return DeviceAugmentation(config, np.random.default_rng(seed))
 
     def augmented_on_device(self, loader, labeled: bool):
         """``loader`` with this trainer's device augmentation applied to its batches (when augmenting on the
