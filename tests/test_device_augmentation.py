@@ -312,3 +312,20 @@ def test_supervised_trainer_on_the_device_trains_and_ends(nnunet_paths):
     trainer.on_train_epoch_end(outputs)
     trainer.on_train_end()  # stops the workers of the wrapped loader
     assert not isinstance(trainer.dataloader_train, DeviceAugmentedLoader)
+
+
+def test_ledger_records_where_the_augmentation_ran_and_keeps_recorded_identities():
+    from benchmarks.la_semisup.ledger import augments_on_device
+    from benchmarks.la_semisup.settings import RunSpec
+    from benchmarks.la_semisup.trainer_lookup import class_settings, settings_id
+    from nnunet_sassnet.trainers import nnUNetTrainerAugmentOnDevice, nnUNetTrainerSASSNet
+
+    gpu, cpu = {"device_name": "NVIDIA H100 80GB HBM3"}, {"device_name": "CPU"}
+    sassnet = RunSpec("nnUNetTrainerSASSNet", 0, settings=class_settings(nnUNetTrainerSASSNet))
+    assert augments_on_device(sassnet, gpu) and not augments_on_device(sassnet, cpu)
+    supervised = RunSpec("nnUNetTrainerAugmentOnDevice", 0, settings=class_settings(nnUNetTrainerAugmentOnDevice))
+    assert augments_on_device(supervised, cpu)
+    assert not augments_on_device(RunSpec("nnUNetTrainer", 0, settings={}), gpu)
+    # the default (None) keeps the settings id of the runs recorded before the setting existed
+    before = {k: v for k, v in sassnet.settings.items() if k != "augment_on_device"}
+    assert "augment_on_device" in sassnet.settings and settings_id(sassnet.settings) == settings_id(before)
