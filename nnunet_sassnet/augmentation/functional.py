@@ -8,7 +8,6 @@ on their input and return the result.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
