@@ -15,8 +15,10 @@
 #                                            # workers each (two trainings in a row each: a call of its own)
 #   bash benchmarks/lent_gpu.sh prepare-speed   # HERE: 12 lite scans and the 12 full-resolution scans into
 #                                            # .gpu/speed (about 32 MiB)
-#   bash benchmarks/lent_gpu.sh speed        # carry .whl2 and .gpu/speed: training/inference speed at the
-#                                            # 1.25 mm plan, then at the native 0.625 mm plan with the epoch
+#   bash benchmarks/lent_gpu.sh speed        # carry .whl2 and .gpu/speed: first SASSNet with augment_on_device
+#                                            # vs nnUNetTrainer, 250 iterations at nnUNet_n_proc_DA=8, 0.625 mm
+#                                            # (SPEED_DEVAUG=0 skips; DEVAUG_ITERATIONS, DEVAUG_WORKERS), then
+#                                            # training/inference speed at the 1.25 mm plan, then at the native 0.625 mm plan with the epoch
 #                                            # wall time of 250 iterations with loaders (train_speed.py);
 #                                            # SPEED_FULL=0: 1.25 mm only; SPEED_LITE=0: 0.625 mm only;
 #                                            # EPOCH_ITERATIONS, EPOCH_WORKERS (default,8) shorten target 6;
@@ -94,6 +96,17 @@ PY
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
     python3 -c "import torch, nnunetv2; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
     git log -1 --format=%H 2>/dev/null | tee -a "$OUT/gpu.txt"
+    # first, the native 0.625 mm plan: SASSNet with nnU-Net's augmentation batched on the GPU (augment_on_device)
+    # vs stock nnUNetTrainer, 250 iterations with the real loaders at nnUNet_n_proc_DA=8 (target 0, <= 1.0);
+    # SPEED_DEVAUG=0 skips it. Its preprocessed dataset in /tmp/speed_full is reused by the 0.625 mm call below
+    if [ "${SPEED_DEVAUG:-1}" = 1 ]; then
+      nnUNet_compile=${SPEED_COMPILE:-t} timeout "${SPEED_TIMEOUT_DEVAUG:-420}" python3 benchmarks/train_speed.py \
+          --device cuda --data .gpu/speed/h5 --spacing 0.625 --workdir /tmp/speed_full \
+          --output "$OUT/train_speed_devaug_0.625mm.json" --device-augmentation-only \
+          --device-augmentation-iterations "${DEVAUG_ITERATIONS:-250}" --device-augmentation-workers "${DEVAUG_WORKERS:-8}" \
+          > "$OUT/speed_devaug_0.625mm.log" 2>&1
+      echo "train_speed device augmentation 0.625 mm exit $?"; grep -E "^(target|epoch|written)" "$OUT/speed_devaug_0.625mm.log"
+    fi
     # 1.25 mm plan (target 1 at <= 1.3), then the native 0.625 mm plan users train (<= 1.15, and target 6:
     # 250 iterations with the real loaders at nnU-Net's default worker count and at 8)
     if [ "${SPEED_LITE:-1}" = 1 ]; then  # SPEED_LITE=0: the 0.625 mm plan only (carry .gpu/speed/h5 alone)

@@ -12,7 +12,11 @@ Targets (issue "Speed"), each printed as one line with the measured ratio and th
    ``nnUNet_n_proc_DA`` <= 1.25 x, with the share of it the GPU waited for batches (``epoch_timing.py``), and
    what each part of nnU-Net's augmentation costs per batch in one process (which part to blame where the GPU
    waits) and how many augmentation processes would keep up with each trainer's step;
-plus the host-device synchronisations per step of each trainer (CUDA only).
+plus the host-device synchronisations per step of each trainer (CUDA only);
+0. with ``--device-augmentation-iterations N``, first: the wall time of N iterations with nnU-Net's real loaders,
+   SASSNet with ``augment_on_device`` (nnU-Net's augmentation batched on the GPU, the workers load and crop)
+   vs stock nnUNetTrainer (augmentation in its workers), at each ``--device-augmentation-workers`` value of
+   ``nnUNet_n_proc_DA`` <= 1.0 x.
 
 For 1-5 both trainers get the same pre-fetched, augmented batches (data loading is excluded: the workers run
 in the background in real training), the same patch and the same plan; 6 puts the loading back. Absolute
@@ -21,6 +25,8 @@ times count only from a GPU.
     python benchmarks/train_speed.py --device cuda --workdir /tmp/speed          # GPU figures, 1.25 mm plan
     python benchmarks/train_speed.py --device cuda --workdir /tmp/full --spacing 0.625 \
         --data ../shared/data/la2018_uamt_h5 --step-mark 1.15 --epoch-iterations 250   # native 0.625 mm plan
+    python benchmarks/train_speed.py --device cuda --workdir /tmp/full --spacing 0.625 \
+        --data ../shared/data/la2018_uamt_h5 --device-augmentation-iterations 250 --device-augmentation-only
     python benchmarks/train_speed.py --device cpu --cpu-smoke --workdir /tmp/s   # CI smoke run
 """
 from __future__ import annotations
@@ -87,11 +93,20 @@ def _pin(batch, device):
             "target": [pin(t) for t in batch["target"]] if isinstance(batch["target"], list) else pin(batch["target"])}
 
 
+#: a trainer name with this suffix is that trainer with ``augment_on_device = True``
+ON_DEVICE = "+augment_on_device"
+
+
 def build_trainer(trainer_name: str, dataset_id: int, plans: str, batch_size: int | None, device):
-    """A started trainer (loaders running); ``batch_size`` None keeps the plan's."""
+    """A started trainer (loaders running); ``batch_size`` None keeps the plan's; ``trainer_name`` may end in
+    :data:`ON_DEVICE`."""
     from nnunetv2.run.run_training import get_trainer_from_args
 
-    trainer = get_trainer_from_args(str(dataset_id), "3d_fullres", "all", trainer_name, plans, device=device)
+    name, on_device = (trainer_name[:-len(ON_DEVICE)], True) if trainer_name.endswith(ON_DEVICE) \
+        else (trainer_name, False)
+    trainer = get_trainer_from_args(str(dataset_id), "3d_fullres", "all", name, plans, device=device)
+    if on_device:
+        trainer.augment_on_device = True
     if batch_size is not None:
         trainer.configuration_manager.configuration["batch_size"] = batch_size
     trainer.on_train_start()
@@ -276,6 +291,12 @@ def main(argv=None) -> int:
     parser.add_argument("--epoch-workers", default="default,8",
                         help="nnUNet_n_proc_DA values for target 6, comma-separated ('default': unset, nnU-Net's "
                              "own choice for the machine)")
+    parser.add_argument("--device-augmentation-iterations", type=int, default=0,
+                        help="target 0, measured first: iterations timed with the real loaders, SASSNet with "
+                             "augment_on_device vs nnUNetTrainer (0: skip)")
+    parser.add_argument("--device-augmentation-workers", default="8",
+                        help="nnUNet_n_proc_DA values for target 0, comma-separated ('default' as above)")
+    parser.add_argument("--device-augmentation-only", action="store_true", help="target 0 alone")
     parser.add_argument("--epochs-only", action="store_true",
                         help="target 6 alone (a call that has targets 1-5 already, e.g. one cut short)")
     parser.add_argument("--variants", nargs="*", default=[], metavar="TRAINER",
@@ -302,7 +323,13 @@ def main(argv=None) -> int:
     if args.cpu_smoke:
         args.warmup, args.steps, args.inference_runs = 1, 2, 1
         args.epoch_iterations, args.epoch_warmup, args.epoch_workers = 2, 1, "1"
-    epoch_workers = [None if w.strip() == "default" else int(w) for w in args.epoch_workers.split(",")]
+    if args.cpu_smoke and args.device_augmentation_iterations:
+        args.device_augmentation_iterations, args.device_augmentation_workers = 2, "1"
+
+    def worker_counts(text: str) -> list[int | None]:
+        return [None if w.strip() == "default" else int(w) for w in text.split(",")]
+
+    epoch_workers = worker_counts(args.epoch_workers)
     torch.manual_seed(0)
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
@@ -314,7 +341,15 @@ def main(argv=None) -> int:
         # after every stage: a run stopped by the machine's time limit keeps what it measured
         output.write_text(json.dumps(results, indent=2, default=float))
 
-    if not args.epochs_only:
+    sass_on_device = "nnUNetTrainerSASSNet" + ON_DEVICE
+    if args.device_augmentation_iterations:
+        # first: the figure the GPU call exists for, kept even if the rest is cut short
+        results["device_augmentation_epochs"] = compare_epochs(
+            lambda name: build_trainer(name, 701, plans, None, device), ("nnUNetTrainer", sass_on_device),
+            worker_counts(args.device_augmentation_workers), args.device_augmentation_iterations,
+            args.epoch_warmup, lambda: synchronize(device), stop_loaders)
+        save()
+    if not (args.epochs_only or args.device_augmentation_only):
         stock = build_trainer("nnUNetTrainer", 701, plans, 4, device)
         batches = [_pin(next(stock.dataloader_train), device) for _ in range(8)]
         results["patch_size"] = list(stock.configuration_manager.patch_size)
@@ -347,7 +382,7 @@ def main(argv=None) -> int:
         results["inference"] = time_inference(701, plans, device, args.inference_runs,
                                               5 if not args.cpu_smoke else 1, smoke=args.cpu_smoke)
         save()
-    if args.epoch_iterations:
+    if args.epoch_iterations and not args.device_augmentation_only:
         # the augmentation's parts first: seconds of CPU, kept even if the epochs are cut short
         profile = profile_augmentation(701, plans, device, 8 if not args.cpu_smoke else 1)
         results["augmentation"] = profile
@@ -360,7 +395,14 @@ def main(argv=None) -> int:
                 record[name]["workers_to_keep_up"] = workers_to_keep_up(record[name], profile["s_per_batch"], streams)
         save()
 
-    lines = [] if args.epochs_only else step_target_lines(results, args.step_mark, device)
+    lines = []
+    for record in results.get("device_augmentation_epochs", []):
+        workers = record["nnUNet_n_proc_DA"]
+        lines.append((f"0 wall time of {args.device_augmentation_iterations} iterations with loaders, SASSNet with "
+                      f"augment_on_device vs nnUNetTrainer, nnUNet_n_proc_DA={'default' if workers is None else workers}",
+                      record["wall_ratio"], 1.0))
+    if not (args.epochs_only or args.device_augmentation_only):
+        lines += step_target_lines(results, args.step_mark, device)
     for record in results.get("epochs", []):
         workers = record["nnUNet_n_proc_DA"]
         lines.append((f"6 wall time of {args.epoch_iterations} iterations with loaders, nnUNet_n_proc_DA="
@@ -368,7 +410,14 @@ def main(argv=None) -> int:
     results["targets"] = {}
     print(f"\n{results['device']}, {results['date']}, torch {results['torch']}, nnUNet_compile="
           f"{results['compile']}, patch {results.get('patch_size', 'not recorded (--epochs-only)')}")
-    if not args.epochs_only:
+    for record in results.get("device_augmentation_epochs", []):
+        for name in ("nnUNetTrainer", sass_on_device):
+            r = record[name]
+            workers = "default" if record["nnUNet_n_proc_DA"] is None else record["nnUNet_n_proc_DA"]
+            print(f"epoch {name} nnUNet_n_proc_DA={workers}: {r['wall_s']:.1f} s for {r['iterations']} iterations, "
+                  f"{r['augmentation_processes']} augmentation processes, waiting for batches "
+                  f"{100 * r['idle_fraction']:.0f} %")
+    if not (args.epochs_only or args.device_augmentation_only):
         base, ours = results["nnUNetTrainer_batch4"], results["nnUNetTrainerSASSNet_2plus2"]
         print(f"nnUNetTrainer batch 4: {base['step_s_median'] * 1000:.1f} ms/step; "
               f"SASSNet 2+2: {ours['step_s_median'] * 1000:.1f} ms/step; "

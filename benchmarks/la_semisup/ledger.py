@@ -49,6 +49,15 @@ def identity(entry: dict[str, Any]) -> tuple:
             bool(entry["compile"]), entry["settings_id"])
 
 
+def augments_on_device(run: RunSpec, environment: dict[str, Any]) -> bool:
+    """Whether the run's training augmentation ran batched on the training device: its trainer's
+    ``augment_on_device`` (None: on CUDA devices only); trainers without the setting augment in the workers."""
+    setting = run.settings.get("augment_on_device", False)
+    if setting is None:
+        return environment.get("device_name") not in (None, "CPU")
+    return bool(setting)
+
+
 def new_entry(run: RunSpec, proto: dict[str, Any], split: Split, call: dict[str, Any],
               environment: dict[str, Any]) -> dict[str, Any]:
     """A run's record, still ``pending``: filled as its stages finish."""
@@ -57,7 +66,8 @@ def new_entry(run: RunSpec, proto: dict[str, Any], split: Split, call: dict[str,
         "ledger": LEDGER_VERSION, "key": run.key, "title": run.title, "kind": run.kind, "trainer": run.trainer,
         "bench_trainer": run.bench_trainer, "data": run.data, "seed": run.seed, "compile": run.compile,
         "semi_supervised": run.semi_supervised, "trainer_settings": run.settings,
-        "settings_id": settings_id(run.settings), "protocol": proto, "protocol_id": protocol_id(proto),
+        "settings_id": settings_id(run.settings), "augment_on_device": augments_on_device(run, environment),
+        "protocol": proto, "protocol_id": protocol_id(proto),
         "labeled": len(split.labeled) if run.data == "semi" else len(split.all_labeled),
         "unlabeled": len(split.unlabeled) if run.data == "semi" and learns_unlabeled else 0,
         "status": "pending", "seconds": {}, "call": call, "device": environment.get("device_name"),

@@ -171,7 +171,10 @@ def current_settings_ids(names: Iterable[str]) -> dict[str, str]:
 #: class attributes added after runs were recorded, with the value at which the code behaves as it did before
 #: the attribute existed: at that value a class keeps the settings id of its recorded runs, so that they are not
 #: trained again (``discriminator_downsampled``: False is the full-resolution discriminator every SASSNet run had)
-NEUTRAL_SETTINGS: dict[str, Any] = {"discriminator_downsampled": False}
+#: ``augment_on_device``: None (on CUDA, batched on the GPU; nnU-Net's workers on the CPU) draws from the same
+#: augmentation as the workers every recorded run had; the ledger records per run where it ran (its field
+#: ``augment_on_device``)
+NEUTRAL_SETTINGS: dict[str, Any] = {"discriminator_downsampled": False, "augment_on_device": None}
 
 
 def settings_id(settings: dict[str, Any]) -> str:

@@ -5,7 +5,7 @@ class, and forgets them afterwards; so this file only re-exports (absolute impor
 class). The demo's trainers are in ``nnunet_sassnet_trainers_demo.py``, which sorts after this file: looking
 up one of the trainers below never imports the demo.
 """
-from nnunet_sassnet.trainers import nnUNetTrainerSASSNet, nnUNetTrainerSDM  # noqa: F401
+from nnunet_sassnet.trainers import nnUNetTrainerAugmentOnDevice, nnUNetTrainerSASSNet, nnUNetTrainerSDM  # noqa: F401
 from nnunet_sassnet.variants import *  # noqa: F401,F403
 from nnunet_sassnet.trainers import (nnUNetTrainerBCP, nnUNetTrainerDTC, nnUNetTrainerDTCSASSNet,  # noqa: F401
                                      nnUNetTrainerMeanTeacher, nnUNetTrainerMeanTeacherTwoView)

@@ -30,6 +30,7 @@ from nnunet_sassnet.progress import SASSNetLocalLogger
 from nnunet_sassnet.trainers.cascade import previous_stage_segmentations
 from nnunet_sassnet.trainers.ignore_label import masked_mse, sdm_targets_where_known
 from nnunet_sassnet.sdm import signed_distance_maps
+from nnunet_sassnet.trainers.device_augmentation import DeviceAugmentationMixin
 
 __all__ = ["nnUNetTrainerSDM", "NonFiniteLossError", "sdm_channel_slice"]
 
@@ -48,7 +49,7 @@ def sdm_channel_slice(has_regions: bool, num_segmentation_heads: int) -> slice:
     return slice(0 if has_regions else 1, num_segmentation_heads)
 
 
-class nnUNetTrainerSDM(nnUNetTrainer):
+class nnUNetTrainerSDM(DeviceAugmentationMixin, nnUNetTrainer):
     """nnU-Net + SASSNet's SDM head, trained on labeled patches only (the ablation without unlabeled data)."""
 
     #: weight alpha of the SDM regression loss (paper: 0.3)

@@ -155,13 +155,15 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainerSDM):
     def _unlabeled_dataloader(self):
         """nnU-Net's own loader and training augmentation over ``unlabeled_preprocessed_folder``; random patches."""
         configured = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        return make_unlabeled_loader(self.unlabeled_preprocessed_folder, self.unlabeled_batch_size or self.batch_size,
-                                     configured[2], self.configuration_manager.patch_size,
-                                     without_ignore_label(self.label_manager),
-                                     self.unlabeled_transforms(configured), get_allowed_n_proc_DA(),
-                                     pin_memory=self.device.type == "cuda",
-                                     log_file=self.log_file if self.local_rank == 0 else None,
-                                     previous_stage_folder=self.unlabeled_previous_stage_folder)
+        # with augment_on_device the workers only load and crop, and both streams are augmented on the device
+        transforms = None if self.augments_on_device else self.unlabeled_transforms(configured)
+        loader = make_unlabeled_loader(self.unlabeled_preprocessed_folder, self.unlabeled_batch_size or self.batch_size,
+                                       configured[2], self.configuration_manager.patch_size,
+                                       without_ignore_label(self.label_manager), transforms, get_allowed_n_proc_DA(),
+                                       pin_memory=self.device.type == "cuda",
+                                       log_file=self.log_file if self.local_rank == 0 else None,
+                                       previous_stage_folder=self.unlabeled_previous_stage_folder)
+        return self.augmented_on_device(loader, labeled=False)
 
     def on_train_end(self):
         super().on_train_end()
