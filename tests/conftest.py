@@ -240,7 +240,7 @@ EARLY_STARTS: dict[str, tuple[tuple[str, ...], Callable[[dict, EarlyStart], obje
 #: The whole suite on two cores (2026-11-27): 16:04 with the benchmark's smoke call and the speed benchmark in the
 #: main thread and the shared training and the demo each in a thread of their own from the start; 13:44 with
 #: this lane; 10:58 with this lane and one math thread per command (see OMP_NUM_THREADS above)
-LANE = ("la_semisup_smoke", "sassnet_fold0", "multi_dataset", "quick_demo", "speed_smoke")
+LANE = ("la_semisup_smoke", "sassnet_fold0", "multi_dataset", "quick_demo", "speed_smoke", "cascade_trainings")
 
 
 def early_start(fixture_name: str, needs: tuple[str, ...] = ()):

@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import SMALL_PLANS, run, training_environment
+from conftest import SMALL_PLANS, EarlyStart, early_start, run, training_environment
 from planned_copies import copy_planned_dataset
 from nnunet_sassnet.discovery import trainer_dir
 from nnunet_sassnet.unlabeled.previous_stage import PREDICTIONS_FOLDER, predict_previous_stage, previous_stage_key
@@ -35,27 +35,34 @@ def add_cascade(preprocessed: Path) -> None:
     plans_file.write_text(json.dumps(plans, indent=2))
 
 
+@early_start("cascade_trainings", needs=("tiny_dataset",))
+def start_cascade_trainings(context: dict, early: EarlyStart) -> dict:
+    """A copy of the tiny dataset planned with a cascade, its first stage (nnU-Net's own trainer on fold "all",
+    whose validation predicts every labeled case for the next stage) and the cascade's training with a package
+    trainer, in the background lane (see ``started_early``)."""
+    ds = copy_planned_dataset(context["tiny_dataset"], context["tmp_path_factory"].mktemp("cascade"),
+                              edit_preprocessed=add_cascade, configurations=("3d_fullres", "3d_lowres"))
+    dataset = str(ds["dataset_id"])
+    env = {**training_environment(ds["env"]), "nnUNet_extTrainer": f"{TRAINER_DIR}{os.pathsep}{trainer_dir()}"}
+    lowres = run(["nnUNetv2_train", dataset, "3d_lowres", "all", "-tr", LOWRES_TRAINER, "-p", SMALL_PLANS,
+                  "-device", "cpu"], env)
+    cascade = run(["nnUNetv2_train", dataset, "3d_cascade_fullres", "all", "-tr", CASCADE_TRAINER, "-p", SMALL_PLANS,
+                   "-device", "cpu"], env)
+    return {"dataset": ds, "env": env, "lowres": lowres, "cascade": cascade}
+
+
 @pytest.fixture(scope="module")
-def cascade_dataset(tiny_dataset, tmp_path_factory) -> dict:
-    return copy_planned_dataset(tiny_dataset, tmp_path_factory.mktemp("cascade"), edit_preprocessed=add_cascade,
-                                configurations=("3d_fullres", "3d_lowres"))
+def cascade_trainings(started_early) -> dict:
+    return started_early["cascade_trainings"].result()
 
 
 @pytest.mark.slow
-def test_lowres_then_cascade_with_a_package_trainer_then_prediction(cascade_dataset, tmp_path, monkeypatch):
-    ds = cascade_dataset
+def test_lowres_then_cascade_with_a_package_trainer_then_prediction(cascade_trainings, tmp_path, monkeypatch):
+    ds, env, train = cascade_trainings["dataset"], cascade_trainings["env"], cascade_trainings["cascade"]
     dataset = str(ds["dataset_id"])
-    env = {**training_environment(ds["env"]), "nnUNet_extTrainer": f"{TRAINER_DIR}{os.pathsep}{trainer_dir()}"}
     results = ds["root"] / "results" / ds["dataset_name"]
-    # the first stage: nnU-Net's own trainer on fold "all", whose validation predicts every labeled case for the
-    # next stage
-    run(["nnUNetv2_train", dataset, "3d_lowres", "all", "-tr", LOWRES_TRAINER, "-p", SMALL_PLANS, "-device", "cpu"],
-        env)
     lowres_model = results / f"{LOWRES_TRAINER}__{SMALL_PLANS}__3d_lowres"
     assert len(list((lowres_model / "predicted_next_stage" / "3d_cascade_fullres").glob("*.b2nd"))) == 5
-
-    train = run(["nnUNetv2_train", dataset, "3d_cascade_fullres", "all", "-tr", CASCADE_TRAINER, "-p", SMALL_PLANS,
-                 "-device", "cpu"], env)
     # the unlabeled scans got the lowres model's segmentations on their fullres grid, in a folder keyed on the model
     made = list((lowres_model / PREDICTIONS_FOLDER / "3d_cascade_fullres" / "fold_all").iterdir())
     assert len(made) == 1 and f"predicts 4 cases into {made[0]}" in train.stdout

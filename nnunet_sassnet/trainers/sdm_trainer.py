@@ -27,10 +27,10 @@ from nnunet_sassnet.errors import install_excepthook
 from nnunet_sassnet.networks import SASSNetwork, unwrap_module
 from nnunet_sassnet.nnunet_tools import cap_torch_threads
 from nnunet_sassnet.progress import SASSNetLocalLogger
-from nnunet_sassnet.trainers.cascade import previous_stage_segmentations
-from nnunet_sassnet.trainers.ignore_label import masked_mse, sdm_targets_where_known
 from nnunet_sassnet.sdm import signed_distance_maps
+from nnunet_sassnet.trainers.cascade import previous_stage_segmentations
 from nnunet_sassnet.trainers.device_augmentation import DeviceAugmentationMixin
+from nnunet_sassnet.trainers.ignore_label import masked_mse, sdm_targets_where_known
 
 __all__ = ["nnUNetTrainerSDM", "NonFiniteLossError", "sdm_channel_slice"]
 

@@ -146,16 +146,16 @@ def ensure_preprocessed(dataset_name_or_id: str | int, configuration: str = "3d_
     raw_folder, base, plans, dataset_json = _load_dataset(dataset_name_or_id, configuration, plans_identifier)
     data_identifier = PlansManager(plans).get_configuration(configuration).data_identifier
     cases = list_unlabeled_cases(raw_folder, dataset_json)
-    fingerprints = fingerprint_cache_for(raw_folder)
-    cases = _without_labeled_copies(raw_folder, cases, fingerprints, log)
-    stamp = compute_stamp(plans, configuration, dataset_json, cases, fingerprints)
     store = VersionedFolder(unlabeled_preprocessed_folder(base, data_identifier))
     if not store.writable():
+        cases, stamp, _ = _fingerprinted_cases(raw_folder, cases, plans, configuration, dataset_json, log)
         command = (f"nnunet_sassnet_preprocess_unlabeled -d {dataset_name_or_id} -c {configuration} "
                    f"-p {plans_identifier}")
         return _use_as_it_is(store, cases, stamp, lease, log, command)  # the fingerprints are not kept there
-    build = _Builder(cases, plans, configuration, plans_identifier, dataset_json, stamp, num_processes, progress)
     with store.writer_lock(on_wait=lambda why: log(f"Unlabeled data: {why}")):
+        # the raw scans are hashed under the lock: runs that waited find the hashes the run before them kept
+        cases, stamp, fingerprints = _fingerprinted_cases(raw_folder, cases, plans, configuration, dataset_json, log)
+        build = _Builder(cases, plans, configuration, plans_identifier, dataset_json, stamp, num_processes, progress)
         if store.adopt_plain_folder() is not None:
             log(f"Unlabeled data: moved {store.path} (written by an earlier version of nnunet_sassnet) into "
                 f"{store.versions_dir}")
@@ -190,6 +190,14 @@ def ensure_preprocessed(dataset_name_or_id: str | int, configuration: str = "3d_
         _report_removed(store, log)  # the version just replaced, unless a run still reads it
         fingerprints.save()  # under the lock, and only now: a failed run (a full disk) writes nothing
     return UnlabeledData(folder=folder, num_cases=len(cases), store=store, lease=held)
+
+
+def _fingerprinted_cases(raw_folder: str, cases: dict[str, list[str]], plans: dict, configuration: str,
+                         dataset_json: dict, log: Callable[[str], None]):
+    """``cases`` less the labeled copies (said in ``log``), their stamp, and the raw scans' fingerprint cache."""
+    fingerprints = fingerprint_cache_for(raw_folder)
+    cases = _without_labeled_copies(raw_folder, cases, fingerprints, log)
+    return cases, compute_stamp(plans, configuration, dataset_json, cases, fingerprints), fingerprints
 
 
 def _without_labeled_copies(raw_folder: str, cases: dict[str, list[str]], fingerprints, log: Callable[[str], None]
