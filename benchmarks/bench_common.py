@@ -6,11 +6,12 @@ started through its entry function (:mod:`nnunet_sassnet.nnunet_tools`).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Iterator, NoReturn
 
 from nnunet_sassnet import nnunet_tools as tools
 
@@ -21,6 +22,21 @@ def nnunet_tool(tool: str, args: list[str], env: dict, log_file: Path) -> None:
     if not result.ok:
         raise RuntimeError(f"{tool} {' '.join(args)} failed ({result.error}); log {log_file}:\n"
                            f"{tools.log_tail(log_file, 60)}")
+
+
+@contextlib.contextmanager
+def augmentation_processes(count: int) -> Iterator[None]:
+    """``nnUNet_n_proc_DA`` set to ``count`` in this process while the block builds nnU-Net's loaders (0: nnU-Net's
+    single-threaded augmenter, its data loader in this process), restored afterwards."""
+    previous = os.environ.get("nnUNet_n_proc_DA")
+    os.environ["nnUNet_n_proc_DA"] = str(count)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("nnUNet_n_proc_DA", None)
+        else:
+            os.environ["nnUNet_n_proc_DA"] = previous
 
 
 def exit_without_native_teardown(code: int) -> NoReturn:

@@ -27,32 +27,32 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "la2018_uamt_h5"
 
-from bench_common import exit_without_native_teardown, prepare_la_dataset  # the script's own folder
+from bench_common import (augmentation_processes, exit_without_native_teardown,  # the script's own folder
+                          prepare_la_dataset)
 
 
-def build_loaders(dataset_id: int, plans: str) -> dict:
-    """The loaders nnU-Net's workers would run: stock nnUNetTrainer's training loader (with its augmentation),
-    SASSNet's labeled and unlabeled loaders with augment_on_device (load and crop only); and SASSNet's device
-    pipelines."""
+def stock_and_sassnet_loaders(dataset_id: int, plans: str) -> tuple:
+    """Stock nnUNetTrainer's loaders (with its augmentation) and SASSNet's with augment_on_device (load and crop
+    only), built as the trainers build them; ``nnUNet_n_proc_DA`` decides in or beside this process."""
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args
 
-    previous = os.environ.get("nnUNet_n_proc_DA")
-    os.environ["nnUNet_n_proc_DA"] = "0"  # nnU-Net's SingleThreadedAugmenter: its data loader in this process
-    try:
-        cpu = torch.device("cpu")
-        stock = get_trainer_from_args(str(dataset_id), "3d_fullres", "all", "nnUNetTrainer", plans, device=cpu)
-        stock.initialize()
-        stock_loader, _ = stock.get_dataloaders()
-        sass = get_trainer_from_args(str(dataset_id), "3d_fullres", "all", "nnUNetTrainerSASSNet", plans, device=cpu)
-        sass.augment_on_device = True
-        sass.initialize()
-        labeled, _ = sass.get_dataloaders()
-    finally:
-        if previous is None:
-            os.environ.pop("nnUNet_n_proc_DA", None)
-        else:
-            os.environ["nnUNet_n_proc_DA"] = previous
+    cpu = torch.device("cpu")
+    stock = get_trainer_from_args(str(dataset_id), "3d_fullres", "all", "nnUNetTrainer", plans, device=cpu)
+    stock.initialize()
+    stock_loaders = stock.get_dataloaders()
+    sass = get_trainer_from_args(str(dataset_id), "3d_fullres", "all", "nnUNetTrainerSASSNet", plans, device=cpu)
+    sass.augment_on_device = True
+    sass.initialize()
+    return stock, stock_loaders, sass, sass.get_dataloaders()
+
+
+def build_loaders(dataset_id: int, plans: str) -> dict:
+    """The loaders nnU-Net's workers would run, in this process: stock nnUNetTrainer's training loader (with its
+    augmentation), SASSNet's labeled and unlabeled loaders with augment_on_device (load and crop only); and
+    SASSNet's device pipelines."""
+    with augmentation_processes(0):  # nnU-Net's SingleThreadedAugmenter: its data loader in this process
+        stock, (stock_loader, _), sass, (labeled, _) = stock_and_sassnet_loaders(dataset_id, plans)
     return {"stock": stock_loader.data_loader, "labeled": labeled.loader.data_loader,
             "unlabeled": sass.dataloader_unlabeled.loader.data_loader,
             "labeled_augmentation": labeled.augmentation,
@@ -85,21 +85,10 @@ def worker_process_cpu(dataset_id: int, plans: str, rounds: int) -> dict:
     """CPU seconds per batch of the real worker processes (nnUNet_n_proc_DA=1: one process per loader): each round
     takes one batch from each loader in turn and waits until its workers have refilled their queue, so the CPU
     they used between two idle moments is exactly one batch's (loading, augmentation, handing it over)."""
-    import torch
-    from nnunetv2.run.run_training import get_trainer_from_args
-
-    previous = os.environ.get("nnUNet_n_proc_DA")
-    os.environ["nnUNet_n_proc_DA"] = "1"
     trainers = []
     try:
-        cpu = torch.device("cpu")
-        stock = get_trainer_from_args(str(dataset_id), "3d_fullres", "all", "nnUNetTrainer", plans, device=cpu)
-        stock.initialize()
-        stock_loader, stock_val = stock.get_dataloaders()
-        sass = get_trainer_from_args(str(dataset_id), "3d_fullres", "all", "nnUNetTrainerSASSNet", plans, device=cpu)
-        sass.augment_on_device = True
-        sass.initialize()
-        labeled, sass_val = sass.get_dataloaders()
+        with augmentation_processes(1):
+            _, (stock_loader, stock_val), sass, (labeled, sass_val) = stock_and_sassnet_loaders(dataset_id, plans)
         trainers = [stock_loader, stock_val, labeled.loader, sass_val, sass.dataloader_unlabeled.loader]
         augmenters = {"stock": stock_loader, "labeled": labeled.loader, "unlabeled": sass.dataloader_unlabeled.loader}
         for augmenter in (stock_val, sass_val):
@@ -115,10 +104,6 @@ def worker_process_cpu(dataset_id: int, plans: str, rounds: int) -> dict:
     finally:
         for augmenter in trainers:
             augmenter._finish()
-        if previous is None:
-            os.environ.pop("nnUNet_n_proc_DA", None)
-        else:
-            os.environ["nnUNet_n_proc_DA"] = previous
     stock_step = statistics.mean(seconds["stock"])
     sass_step = statistics.mean(seconds["labeled"]) + statistics.mean(seconds["unlabeled"])
     return {"rounds": rounds, "worker_cpu_s_per_step": {

@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "la2018_uamt_lite_1.25mm"
 
 # the script's own folder (on sys.path when run as a script)
-from bench_common import exit_without_native_teardown, prepare_la_dataset
+from bench_common import augmentation_processes, exit_without_native_teardown, prepare_la_dataset
 from epoch_timing import augmentation_profile, compare_epochs, workers_to_keep_up
 
 
@@ -237,17 +237,10 @@ def profile_augmentation(dataset_id: int, plans: str, device, batches: int) -> d
     processes (the pipeline is the same for SASSNet's labeled and unlabeled streams)."""
     from nnunetv2.run.run_training import get_trainer_from_args
 
-    previous = os.environ.get("nnUNet_n_proc_DA")
-    os.environ["nnUNet_n_proc_DA"] = "0"  # nnU-Net's SingleThreadedAugmenter: its data loader in this process
-    try:
+    with augmentation_processes(0):  # nnU-Net's SingleThreadedAugmenter: its data loader in this process
         trainer = get_trainer_from_args(str(dataset_id), "3d_fullres", "all", "nnUNetTrainer", plans, device=device)
         trainer.initialize()  # the batch size and foreground oversampling the loader takes
         augmenter, _ = trainer.get_dataloaders()
-    finally:
-        if previous is None:
-            os.environ.pop("nnUNet_n_proc_DA", None)
-        else:
-            os.environ["nnUNet_n_proc_DA"] = previous
     return augmentation_profile(augmenter.data_loader, batches)
 
 
