@@ -13,6 +13,7 @@ Module-level classes: nnU-Net's augmenter pickles the loader for its worker proc
 from __future__ import annotations
 
 import os
+import time
 from datetime import datetime
 
 import numpy as np
@@ -44,6 +45,17 @@ def _version_gone(folder: str) -> UserInputError:
         f"preprocesses the unlabeled data again")
 
 
+def _deleted_soon(folder: str, within_s: float = 2.0) -> bool:
+    """Whether ``folder`` is gone, or goes within ``within_s`` seconds: a deletion (``rm -r``) removes the files
+    before their folder, so a read that failed on a vanished file may still see the folder for a moment."""
+    deadline = time.monotonic() + within_s
+    while os.path.isdir(folder):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 class UnlabeledDataset(nnUNetDatasetBlosc2):
     """nnU-Net's blosc2 dataset; once its version is deleted, a stand-in that is never trained on (see
     :class:`_StopsWhenVersionGone`) instead of an error that would kill the augmentation process."""
@@ -54,7 +66,7 @@ class UnlabeledDataset(nnUNetDatasetBlosc2):
         try:
             data, seg, seg_prev, properties = super().load_case(identifier)
         except Exception:
-            if os.path.isdir(self.source_folder):
+            if not _deleted_soon(self.source_folder):
                 raise
             return (np.zeros((self._channels, 1, 1, 1), np.float32), np.full((1, 1, 1, 1), -1, np.int16), None,
                     {"class_locations": {}})
